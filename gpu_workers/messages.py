@@ -1,0 +1,103 @@
+"""Every message that crosses the boundary between the API process and a worker process.
+
+They are frozen dataclasses of plain fields and bytes (PNG bytes, never tensors or exception
+objects), so the whole protocol can be read in this one file and the same messages can later be
+serialised explicitly to travel between boxes, not only pickled between local processes.
+
+API process -> worker:  ``WorkerConfig`` (at spawn), then ``ShardTask`` ... ``StopWorker``
+worker -> API process:  ``WorkerReady`` | ``WorkerStartFailed`` | ``ShardDone`` | ``ShardFailed``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_WIDTH = 1024
+IMAGE_HEIGHT = 576
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What a worker process is started with (the spawn arguments)."""
+
+    worker_id: int
+    device: str
+    model: str
+    model_cache: str
+    cpu_threads: int
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """A contiguous slice of one request's images, generated as one pipeline batch.
+
+    ``prompts`` and ``seeds`` hold one entry per image (prompt-major order of the request), so
+    the worker never needs to know how the request was laid out; ``first_index`` is the position
+    of the shard's first image within its request.
+    """
+
+    request_id: str
+    shard_id: int
+    first_index: int
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    negative_prompt: str | None
+    guidance_scale: float
+    steps: int = 8
+    width: int = IMAGE_WIDTH
+    height: int = IMAGE_HEIGHT
+
+    @property
+    def size(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    """Sentinel that asks a worker to exit its loop after the shard it is running."""
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The worker loaded its pipeline, warmed it up and now takes shards."""
+
+    worker_id: int
+    pid: int
+    device: str
+    model: str
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class WorkerStartFailed:
+    """The pipeline could not be loaded; ``error`` says why and how to fix it. The worker exits."""
+
+    worker_id: int
+    pid: int
+    device: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    """A shard's images as PNG bytes, in the shard's order."""
+
+    worker_id: int
+    request_id: str
+    shard_id: int
+    images: tuple[bytes, ...]
+    warnings: tuple[str, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ShardFailed:
+    """A shard failed inside a living worker; ``error`` is readable text for the client."""
+
+    worker_id: int
+    request_id: str
+    shard_id: int
+    error: str
+
+
+WorkerMessage = WorkerReady | WorkerStartFailed | ShardDone | ShardFailed

@@ -1,0 +1,120 @@
+"""``POST /generate``: the request our users' clients send and the response they read.
+
+The request fields and their meaning follow the reference API (``reference/original-api-description.md``)
+so existing clients work unchanged; ``seed``, ``guidance_scale``, ``seeds`` and ``warnings`` are
+additions that old clients simply do not send or read. Limits that are settings (images per request,
+prompt length) are checked by the route against the running server's settings; the numbers here are
+the defaults, for the documentation.
+"""
+
+from __future__ import annotations
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from schemas.fields import StrictFloat, StrictInteger
+
+DEFAULT_MAX_IMAGES = 150
+DEFAULT_MAX_PROMPT_CHARS = 2000
+MAX_IMAGES_PER_PROMPT = 50
+MAX_SEED = 2**32 - 1
+RETURN_FORMATS = ("base64", "url")
+
+EXAMPLE_REQUEST = {
+    "prompts": ["baroque oil painting, dramatic chiaroscuro lighting, a massive disembodied eye made of fire"],
+    "num_images_per_prompt": 2,
+    "negative_prompt": "modern, photograph, low quality",
+    "return_format": "base64",
+    "seed": 1234,
+}
+
+
+def _not_blank(text: str) -> None:
+    if not text.strip():
+        raise ValidationError("Prompts must not be blank.")
+
+
+class GenerateRequestSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    prompts = fields.List(
+        fields.Str(validate=_not_blank),
+        required=True,
+        validate=validate.Length(min=1, max=DEFAULT_MAX_IMAGES, error="Send between {min} and {max} prompts."),
+        metadata={
+            "description": (
+                f"Text descriptions, 1 to {DEFAULT_MAX_IMAGES}, none blank, each at most {DEFAULT_MAX_PROMPT_CHARS} "
+                "characters (setting max_prompt_chars). The text encoders read 77 tokens; a longer prompt is "
+                "truncated and the response says so in `warnings`."
+            ),
+            "example": EXAMPLE_REQUEST["prompts"],
+        },
+    )
+    negative_prompt = fields.Str(
+        allow_none=True,
+        load_default=None,
+        metadata={
+            "description": (
+                "What to avoid. SDXL-Lightning runs at guidance_scale 0, where the negative prompt has no "
+                "effect; it is used only when guidance_scale > 1 is asked for."
+            ),
+            "example": EXAMPLE_REQUEST["negative_prompt"],
+        },
+    )
+    num_images_per_prompt = StrictInteger(
+        load_default=1,
+        validate=validate.Range(min=1, max=MAX_IMAGES_PER_PROMPT),
+        metadata={
+            "description": (
+                f"Variations per prompt, 1 to {MAX_IMAGES_PER_PROMPT}. prompts x num_images_per_prompt "
+                f"must be at most {DEFAULT_MAX_IMAGES} (setting max_images)."
+            ),
+            "example": 2,
+        },
+    )
+    return_format = fields.Str(
+        load_default="base64",
+        validate=validate.OneOf(RETURN_FORMATS, error="return_format must be one of: {choices}."),
+        metadata={
+            "description": "base64: PNGs inline as base64 strings. url: links to /images/{id}.png, kept for the retention time.",
+            "example": "base64",
+        },
+    )
+    seed = StrictInteger(
+        allow_none=True,
+        load_default=None,
+        validate=validate.Range(min=-1, max=MAX_SEED),
+        metadata={
+            "description": (
+                f"0 to {MAX_SEED}: image i of the request (prompt-major order) uses seed + i (mod 2^32), so the "
+                "same request and seed give the same images. -1, null or absent: a random seed; the seeds used "
+                "are returned in `seeds` either way."
+            ),
+            "example": 1234,
+        },
+    )
+    guidance_scale = StrictFloat(
+        load_default=0.0,
+        validate=validate.Range(min=0.0, max=20.0),
+        metadata={"description": "Classifier-free guidance, 0 to 20. The 8-step checkpoint is trained for 0.", "example": 0.0},
+    )
+
+
+class GenerateResponseSchema(Schema):
+    success = fields.Bool(
+        required=True,
+        metadata={"description": "false only when a failure happened after heartbeats had started (status 200 already sent)."},
+    )
+    images = fields.List(
+        fields.Str(),
+        required=True,
+        metadata={
+            "description": "base64 PNG strings, or absolute URLs for return_format url; in request order (all images of prompt 0, then prompt 1, ...).",
+            "example": ["iVBORw0KGgoAAAANSUhEUgAA..."],
+        },
+    )
+    count = fields.Int(required=True, metadata={"example": 2})
+    message = fields.Str(metadata={"example": "Successfully generated 2 image(s)"})
+    seeds = fields.List(fields.Int(), metadata={"description": "The seed of each image, in the same order.", "example": [1234, 1235]})
+    warnings = fields.List(fields.Str(), metadata={"description": "Things the client should know, e.g. truncated prompts.", "example": []})
+    detail = fields.Str(metadata={"description": "The failure, when success is false.", "example": "Image generation failed: CUDA out of memory"})

@@ -1,0 +1,34 @@
+"""The ``/health`` body: the reference's three fields plus what an operator needs per worker."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+WORKER_STATES = ("starting", "ready", "busy", "dead", "failed")
+
+
+class WorkerSchema(Schema):
+    id = fields.Int(metadata={"example": 0})
+    pid = fields.Int(allow_none=True, metadata={"example": 4242})
+    device = fields.Str(metadata={"example": "cuda:0"})
+    model = fields.Str(metadata={"example": "sdxl-lightning-8step"})
+    state = fields.Str(
+        validate=validate.OneOf(WORKER_STATES),
+        metadata={"description": "starting (loading the model), ready, busy, dead (restarting) or failed (could not load; see error)", "example": "ready"},
+    )
+    images_done = fields.Int(metadata={"example": 150})
+    shards_in_flight = fields.Int(metadata={"example": 1})
+    restarts = fields.Int(metadata={"example": 0})
+    error = fields.Str(allow_none=True, metadata={"description": "Why the worker could not start, and how to fix it.", "example": None})
+
+
+class HealthSchema(Schema):
+    status = fields.Str(
+        validate=validate.OneOf(("healthy", "unhealthy")),
+        metadata={"description": "healthy while at least one worker takes work (HTTP 200), otherwise unhealthy (HTTP 503)", "example": "healthy"},
+    )
+    cuda_available = fields.Bool(metadata={"example": True})
+    cuda_device = fields.Str(allow_none=True, metadata={"example": "NVIDIA H100 80GB HBM3"})
+    model = fields.Str(metadata={"example": "sdxl-lightning-8step"})
+    queued_images = fields.Int(metadata={"description": "Images waiting for a worker.", "example": 0})
+    workers = fields.List(fields.Nested(WorkerSchema))

@@ -1,0 +1,255 @@
+"""Route handlers, module-level and listed in one place (``ROUTES``) so the API reads at a glance."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apigami import docs, request_schema, response_schema
+
+from gpu_workers.pool import RequestFailed
+from gpu_workers.sharding import SEED_SPACE, GenerationRequest
+from schemas.common import ErrorSchema, RootSchema
+from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema, GenerateResponseSchema
+from schemas.health import HealthSchema
+from service import __version__
+from service.errors import json_error
+from service.keys import CUDA, POOL, SETTINGS, STORE
+from service.streaming import HeartbeatResponse, write_failure_body, write_images_body
+
+log = logging.getLogger(__name__)
+
+NO_WORKER_RETRY_AFTER = "10"
+
+
+@docs(tags=["info"], summary="API information and available endpoints")
+@response_schema(RootSchema, 200)
+async def root(request: web.Request) -> web.Response:
+    return web.json_response(
+        {
+            "name": "SDXL Lightning API",
+            "version": __version__,
+            "status": "running",
+            "endpoints": {
+                "generate": "/generate - POST - Generate images from prompts",
+                "health": "/health - GET - Health check",
+                "docs": "/docs - GET - API documentation",
+                "images": "/images/{id}.png - GET - Images of return_format url requests",
+            },
+        }
+    )
+
+
+@docs(
+    tags=["info"],
+    summary="Health check",
+    description="200 while at least one worker takes work; 503 while none does (starting, or every worker failed: see `workers[].error`).",
+    responses={200: {"description": "healthy"}, 503: {"description": "no worker is ready"}},
+)
+@response_schema(HealthSchema, 200)
+async def health(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    cuda = request.app[CUDA]
+    workers = pool.snapshot()
+    healthy = pool.ready_workers > 0
+    body = {
+        "status": "healthy" if healthy else "unhealthy",
+        "cuda_available": cuda.available,
+        "cuda_device": cuda.device_name,
+        "model": pool.config.model,
+        "queued_images": pool.queued_images,
+        "workers": [
+            {
+                "id": w.worker_id,
+                "pid": w.pid,
+                "device": w.device,
+                "model": w.model,
+                "state": w.state,
+                "images_done": w.images_done,
+                "shards_in_flight": w.shards_in_flight,
+                "restarts": w.restarts,
+                "error": w.error,
+            }
+            for w in workers
+        ],
+    }
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+def _limit_problem(data: dict[str, Any], settings: Any) -> str | None:
+    """The limits that are settings of the running server, checked after the schema."""
+    total = len(data["prompts"]) * data["num_images_per_prompt"]
+    if total > settings.max_images:
+        return (
+            f"Too many images: {len(data['prompts'])} prompt(s) x {data['num_images_per_prompt']} = {total}; "
+            f"the limit is {settings.max_images} per request."
+        )
+    for index, prompt in enumerate(data["prompts"]):
+        if len(prompt) > settings.max_prompt_chars:
+            return f"prompts[{index}] is {len(prompt)} characters long; the limit is {settings.max_prompt_chars}."
+    negative = data.get("negative_prompt") or ""
+    if len(negative) > settings.max_prompt_chars:
+        return f"negative_prompt is {len(negative)} characters long; the limit is {settings.max_prompt_chars}."
+    return None
+
+
+def _base_url(request: web.Request, public_url: str) -> str:
+    if public_url:
+        return public_url.rstrip("/")
+    scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
+    return f"{scheme}://{request.host}"
+
+
+@docs(
+    tags=["generate"],
+    summary="Generate images from prompts",
+    description=(
+        "Generates `len(prompts) x num_images_per_prompt` 1024x576 images (at most 150) with SDXL-Lightning, 8 steps. "
+        "Long batches: the status line is held back for at most one heartbeat interval (default 10 s); after that "
+        "the server answers 200 and sends one space every interval until the JSON follows, so tunnels keep the "
+        "connection open. JSON parsers skip the spaces. A failure after the spaces started is reported as "
+        '`{"success": false, "detail": ...}` with status 200.'
+    ),
+    responses={
+        200: {"description": "The images, in request order (or `success: false` after heartbeats)"},
+        400: {"description": "Invalid body: bad JSON, wrong types, limits", "schema": ErrorSchema},
+        500: {"description": "Generation failed before heartbeats started", "schema": ErrorSchema},
+        503: {"description": "No worker is ready (Retry-After says when to try again)", "schema": ErrorSchema},
+    },
+)
+@request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST)
+@response_schema(GenerateResponseSchema, 200)
+async def generate(request: web.Request) -> web.StreamResponse:
+    data = request["data"]
+    settings = request.app[SETTINGS]
+    pool = request.app[POOL]
+    problem = _limit_problem(data, settings)
+    if problem:
+        return json_error(400, problem)
+    if pool.ready_workers == 0:
+        return json_error(
+            503,
+            "No worker is ready yet (the model is loading, or failed to load: see /health); retry shortly.",
+            headers={"Retry-After": NO_WORKER_RETRY_AFTER},
+        )
+    seed = data["seed"]
+    if seed is None or seed == -1:
+        seed = secrets.randbelow(SEED_SPACE)
+    job = GenerationRequest(
+        request_id=uuid.uuid4().hex,
+        prompts=tuple(data["prompts"]),
+        num_images_per_prompt=data["num_images_per_prompt"],
+        base_seed=seed,
+        negative_prompt=data["negative_prompt"],
+        guidance_scale=data["guidance_scale"],
+    )
+    as_url = data["return_format"] == "url"
+    log.info("request %s: %d image(s), seed %d, %s", job.request_id, job.total_images, seed, data["return_format"])
+    return await _run_request(request, job, as_url)
+
+
+async def _run_request(request: web.Request, job: GenerationRequest, as_url: bool) -> web.StreamResponse:
+    """Collect the shards with heartbeats, then answer; a client that hung up abandons its shards."""
+    pool = request.app[POOL]
+    handle = pool.submit(job)
+    heartbeat = HeartbeatResponse(request, request.app[SETTINGS].heartbeat_interval, headers={"X-Request-Id": job.request_id})
+    collected = _Collected()
+    try:
+        await _collect(request, handle, heartbeat, collected, as_url)
+        return await _respond(job, handle, heartbeat, collected, as_url)
+    except ConnectionResetError:
+        log.info("request %s: the client went away", job.request_id)
+        return heartbeat.response or web.Response(status=499)
+    finally:
+        if collected.failure is None and len(collected.images) < len(handle.shards):
+            pool.cancel(job.request_id)
+
+
+class _Collected:
+    """What has come back for one request so far."""
+
+    def __init__(self) -> None:
+        self.images: dict[int, list[bytes]] = {}
+        self.warnings: dict[str, None] = {}
+        self.failure: str | None = None
+
+
+async def _collect(
+    request: web.Request, handle: Any, heartbeat: HeartbeatResponse, collected: _Collected, as_url: bool
+) -> None:
+    """Wait for every shard; each wait is bounded by the next heartbeat, which is sent when due."""
+    settings = request.app[SETTINGS]
+    store = request.app[STORE]
+    base_url = _base_url(request, settings.public_url)
+    loop = asyncio.get_running_loop()
+    next_beat = loop.time() + settings.heartbeat_interval
+    while collected.failure is None and len(collected.images) < len(handle.shards):
+        wait = next_beat - loop.time()
+        if wait <= 0:
+            await heartbeat.beat()
+            next_beat = loop.time() + settings.heartbeat_interval
+            continue
+        try:
+            event = await asyncio.wait_for(handle.events.get(), wait)
+        except TimeoutError:
+            continue
+        if isinstance(event, RequestFailed):
+            collected.failure = event.detail
+            continue
+        collected.warnings.update(dict.fromkeys(event.warnings))
+        if as_url:
+            ids = await asyncio.to_thread(lambda pngs=event.images: [store.save(png) for png in pngs])
+            collected.images[event.shard_id] = [f"{base_url}/images/{image_id}.png".encode() for image_id in ids]
+        else:
+            collected.images[event.shard_id] = list(event.images)
+
+
+async def _respond(
+    job: GenerationRequest, handle: Any, heartbeat: HeartbeatResponse, collected: _Collected, as_url: bool
+) -> web.StreamResponse:
+    if collected.failure is not None:
+        log.warning("request %s failed: %s", job.request_id, collected.failure)
+        if not heartbeat.started:
+            return json_error(500, collected.failure, headers={"X-Request-Id": job.request_id})
+        response = await heartbeat.stream()
+        await write_failure_body(response, collected.failure)
+        return response
+    ordered = [image for shard_id in range(len(handle.shards)) for image in collected.images[shard_id]]
+    response = await heartbeat.stream()
+    await write_images_body(
+        response,
+        ordered,
+        as_base64=not as_url,
+        fields={
+            "count": len(ordered),
+            "message": f"Successfully generated {len(ordered)} image(s)",
+            "seeds": list(job.seeds),
+            "warnings": list(collected.warnings),
+        },
+    )
+    log.info("request %s done: %d image(s)", job.request_id, len(ordered))
+    return response
+
+
+@docs(
+    tags=["generate"],
+    summary="An image of a return_format url request",
+    responses={200: {"description": "image/png"}, 404: {"description": "Unknown or expired image", "schema": ErrorSchema}},
+)
+async def image(request: web.Request) -> web.StreamResponse:
+    path = request.app[STORE].path_for(request.match_info["image_id"])
+    if path is None:
+        return json_error(404, "No such image: it never existed or has expired.")
+    return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": "private, max-age=86400"})
+
+
+ROUTES = [
+    web.get("/", root, allow_head=False),
+    web.get("/health", health, allow_head=False),
+    web.post("/generate", generate),
+    web.get("/images/{image_id}.png", image, allow_head=False),
+]

@@ -1,0 +1,107 @@
+"""All settings in one dataclass, filled from CLI flags and ``SDXL_*`` environment variables.
+
+A field ``max_batch`` is the flag ``--max-batch`` and the variable ``SDXL_MAX_BATCH``; the flag
+wins over the variable, the variable over the default. ``python -m service --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SDXL_"
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("0.0.0.0", "address to listen on")
+    port: int = _setting(8000, "port to listen on")
+    model: str = _setting(
+        "auto",
+        "model preset: sdxl-lightning-8step, tiny, a local diffusers folder, or package.module:factory; "
+        "auto = sdxl-lightning-8step where CUDA is available, tiny otherwise",
+    )
+    devices: str = _setting("auto", "comma-separated CUDA devices (cuda:0,cuda:1 or 0,1); auto = every CUDA device")
+    workers: int = _setting(1, "number of CPU workers where there is no CUDA device")
+    cpu_threads: int = _setting(1, "torch threads per CPU worker (changes the bytes, so it is fixed, not derived)")
+    max_batch: int = _setting(4, "most images per shard, the batch a worker runs at once")
+    max_images: int = _setting(150, "most images per request (prompts x num_images_per_prompt)")
+    max_prompt_chars: int = _setting(2000, "longest prompt, in characters")
+    heartbeat_interval: float = _setting(10.0, "seconds between heartbeat spaces while a request runs")
+    image_dir: str = _setting("var/images", "folder for images of return_format url requests")
+    image_retention: float = _setting(86400.0, "seconds a stored url image is kept")
+    public_url: str = _setting("", "base URL for image links (e.g. your ngrok URL); default: from the request")
+    model_cache: str = _setting(
+        str(Path.home() / ".cache" / "sdxl-lightning-server"), "folder where the tiny model is built"
+    )
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def image_path(self) -> Path:
+        return Path(self.image_dir)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="SDXL-Lightning batch image API. Every flag also reads the SDXL_* variable named in its help.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for spec in fields(Settings):
+        assert spec.default is not MISSING
+        parser.add_argument(
+            _flag(spec.name),
+            dest=spec.name,
+            type=type(spec.default),
+            default=argparse.SUPPRESS,
+            help=f"{spec.metadata['help']} [{_env_name(spec.name)}, default: {spec.default!r}]",
+        )
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, overridden by ``SDXL_*`` variables, overridden by flags."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    values: dict[str, Any] = {}
+    for spec in fields(Settings):
+        raw = environ.get(_env_name(spec.name))
+        if raw is not None:
+            try:
+                values[spec.name] = type(spec.default)(raw)
+            except ValueError:
+                parser.error(f"{_env_name(spec.name)}={raw!r} is not a valid {type(spec.default).__name__}")
+    values.update(vars(parser.parse_args(argv)))
+    settings = Settings(**values)
+    problems = validate(settings)
+    if problems:
+        parser.error("; ".join(problems))
+    return settings
+
+
+def validate(settings: Settings) -> list[str]:
+    problems = []
+    for name in ("workers", "cpu_threads", "max_batch", "max_images", "max_prompt_chars"):
+        if getattr(settings, name) < 1:
+            problems.append(f"{_flag(name)} must be at least 1")
+    if settings.heartbeat_interval <= 0:
+        problems.append("--heartbeat-interval must be positive")
+    if not 0 <= settings.port <= 65535:
+        problems.append("--port must be between 0 and 65535")
+    return problems

@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny model built once per session, and real servers on loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.server_process import ServerProcess, port_is_free
+
+REFERENCE_PORT = 8000
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny-model cache for every server of the session (built by the first worker)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator:
+    """Start ``python -m service`` with extra flags; every server is stopped at session end."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, port: int | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+        workdir = tmp_path_factory.mktemp("server")
+        server = ServerProcess(workdir, ["--model-cache", str(model_cache), *args], env or {}, port=port)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ServerProcess:
+    """The main tiny-model server: one CPU worker, shards of 2, on the reference's port 8000
+    when it is free (so the reference clients run unchanged)."""
+    port = REFERENCE_PORT if port_is_free(REFERENCE_PORT) else None
+    return start_server("--model", "tiny", "--workers", "1", "--max-batch", "2", port=port)

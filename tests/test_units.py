@@ -1,0 +1,91 @@
+"""Unit tests of the pieces that need no worker: settings, sharding, the shard queue, errors, the store."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from marshmallow import ValidationError
+
+from gpu_workers.shard_queue import ShardQueue
+from gpu_workers.sharding import GenerationRequest, split_into_shards
+from schemas.generate import GenerateRequestSchema
+from service.errors import describe_validation_error
+from service.image_store import ImageStore
+from service.settings import load_settings
+
+
+def make_request(request_id: str = "r", prompts: int = 3, per_prompt: int = 2, seed: int = 10) -> GenerationRequest:
+    return GenerationRequest(request_id, tuple(f"p{i}" for i in range(prompts)), per_prompt, seed, None, 0.0)
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    assert load_settings([], {}).port == 8000
+    assert load_settings([], {"SDXL_PORT": "9000"}).port == 9000
+    assert load_settings(["--port", "9100"], {"SDXL_PORT": "9000"}).port == 9100
+    assert load_settings(["--heartbeat-interval", "2.5"], {}).heartbeat_interval == 2.5
+
+
+def test_bad_settings_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(["--max-batch", "0"], {})
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings([], {"SDXL_WORKERS": "two"})
+    assert "SDXL_WORKERS" in capsys.readouterr().err
+
+
+def test_shards_are_contiguous_prompt_major_slices() -> None:
+    shards = split_into_shards(make_request(prompts=3, per_prompt=2, seed=2**32 - 2), max_batch=4)
+    assert [s.size for s in shards] == [4, 2]
+    assert shards[0].prompts == ("p0", "p0", "p1", "p1")
+    assert shards[1].prompts == ("p2", "p2")
+    assert shards[0].seeds == (2**32 - 2, 2**32 - 1, 0, 1)  # seed + i wraps in the 32-bit space
+    assert [s.first_index for s in shards] == [0, 4]
+
+
+def test_shard_queue_takes_turns_between_requests() -> None:
+    queue = ShardQueue()
+    queue.add(split_into_shards(make_request("big", prompts=6, per_prompt=1), 1))
+    queue.add(split_into_shards(make_request("small", prompts=1, per_prompt=1), 1))
+    assert queue.images == 7
+    order = [queue.pop().request_id for _ in range(3)]
+    assert order == ["big", "small", "big"]
+    assert queue.images == 4
+
+
+def test_handed_back_shard_goes_first_and_drop_forgets_a_request() -> None:
+    queue = ShardQueue()
+    first, second = split_into_shards(make_request("a", prompts=2, per_prompt=1), 1)
+    queue.add([second])
+    queue.add(split_into_shards(make_request("b", prompts=1, per_prompt=1), 1))
+    queue.put_front(first)
+    assert queue.pop() is first
+    assert queue.drop("b") == 1
+    assert queue.pop() is second
+    assert queue.pop() is None and queue.images == 0
+
+
+def test_validation_errors_become_one_sentence_and_flat_fields() -> None:
+    with pytest.raises(ValidationError) as caught:
+        GenerateRequestSchema().load({"prompts": ["ok", " "], "num_images_per_prompt": 2.5})
+    detail, fields = describe_validation_error(caught.value)
+    assert set(fields) == {"prompts[1]", "num_images_per_prompt"}
+    assert detail.startswith("Invalid request: ")
+    assert "prompts[1]: Prompts must not be blank." in detail
+
+
+def test_image_store_round_trip_and_path_safety(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "images", retention_seconds=60)
+    image_id = store.save(b"\x89PNG fake")
+    assert len(image_id) == 32
+    assert store.path_for(image_id).read_bytes() == b"\x89PNG fake"
+    for hostile in ("../" + image_id, "/etc/passwd", image_id.upper(), image_id + "/..", "%2e%2e"):
+        assert store.path_for(hostile) is None
+    assert store.evict_expired(now=time.time()) == 0
+    old = time.time() - 120
+    os.utime(store.path_for(image_id), (old, old))
+    assert store.evict_expired() == 1
+    assert store.path_for(image_id) is None

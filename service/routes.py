@@ -48,9 +48,11 @@ async def root(request: web.Request) -> web.Response:
     tags=["info"],
     summary="Health check",
     description="200 while at least one worker takes work; 503 while none does (starting, or every worker failed: see `workers[].error`).",
-    responses={200: {"description": "healthy"}, 503: {"description": "no worker is ready"}},
+    responses={
+        200: {"description": "healthy", "schema": HealthSchema},
+        503: {"description": "unhealthy: no worker is ready", "schema": HealthSchema},
+    },
 )
-@response_schema(HealthSchema, 200)
 async def health(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     cuda = request.app[CUDA]
@@ -115,14 +117,13 @@ def _base_url(request: web.Request, public_url: str) -> str:
         '`{"success": false, "detail": ...}` with status 200.'
     ),
     responses={
-        200: {"description": "The images, in request order (or `success: false` after heartbeats)"},
+        200: {"description": "The images, in request order (or `success: false` after heartbeats)", "schema": GenerateResponseSchema},
         400: {"description": "Invalid body: bad JSON, wrong types, limits", "schema": ErrorSchema},
         500: {"description": "Generation failed before heartbeats started", "schema": ErrorSchema},
         503: {"description": "No worker is ready (Retry-After says when to try again)", "schema": ErrorSchema},
     },
 )
 @request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST)
-@response_schema(GenerateResponseSchema, 200)
 async def generate(request: web.Request) -> web.StreamResponse:
     data = request["data"]
     settings = request.app[SETTINGS]
@@ -238,7 +239,10 @@ async def _respond(
 @docs(
     tags=["generate"],
     summary="An image of a return_format url request",
-    responses={200: {"description": "image/png"}, 404: {"description": "Unknown or expired image", "schema": ErrorSchema}},
+    responses={
+        200: {"description": "The PNG image", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+        404: {"description": "Unknown or expired image", "schema": ErrorSchema},
+    },
 )
 async def image(request: web.Request) -> web.StreamResponse:
     path = request.app[STORE].path_for(request.match_info["image_id"])

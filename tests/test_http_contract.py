@@ -59,6 +59,12 @@ def test_docs_page_and_spec(server: ServerProcess) -> None:
     assert {"/", "/health", "/generate", "/images/{image_id}.png"} <= set(spec["paths"])
     generate_op = spec["paths"]["/generate"]["post"]
     assert {"200", "400", "500", "503"} <= set(generate_op["responses"])
+    ok = generate_op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/GenerateResponse"}
+    health_op = spec["paths"]["/health"]["get"]["responses"]
+    assert health_op["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Health"}
+    image_op = spec["paths"]["/images/{image_id}.png"]["get"]["responses"]
+    assert "image/png" in image_op["200"]["content"]
     request_schema = spec["components"]["schemas"]["GenerateRequest"]
     assert {"prompts", "num_images_per_prompt", "return_format", "seed", "negative_prompt"} <= set(request_schema["properties"])
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +62,24 @@ _LOAD_LIGHTNING = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model cache for the session, so the tiny model is built once."""
-    folder = tmp_path_factory.mktemp("model-cache")
-    build_tiny_model(folder)
-    return folder
+@pytest.fixture(autouse=True)
+def _one_cpu_thread() -> Iterator[None]:
+    """One torch thread, as CPU workers run by default: faster than two on this 2-core box, and it
+    does not collapse when other processes share the cores. The caller's setting comes back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
 def tiny_folder(model_cache: Path) -> Path:
+    """The tiny model, built once into the session's model cache (conftest.py), which servers share."""
     return build_tiny_model(model_cache)
 
 
 @pytest.fixture(scope="session")
-def tiny_pipe(model_cache: Path) -> StableDiffusionXLPipeline:
+def tiny_pipe(tiny_folder: Path, model_cache: Path) -> StableDiffusionXLPipeline:
     return load_pipeline("tiny", "cpu", model_cache)
 
 

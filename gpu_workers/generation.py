@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 from typing import Any
 
 import torch
 
 from gpu_workers.messages import ShardTask
+
+log = logging.getLogger(__name__)
 
 # zlib level 1 is several times faster than PIL's default (6) for a few percent more bytes;
 # at GPU speeds PNG encoding is on the critical path of every image.
@@ -68,3 +72,48 @@ def generate_shard(pipe: Any, task: ShardTask) -> list[bytes]:
     if len(images) != task.size:
         raise RuntimeError(f"pipeline returned {len(images)} images for a shard of {task.size}")
     return [encode_png(image) for image in images]
+
+
+def _slice(task: ShardTask, start: int, stop: int) -> ShardTask:
+    return dataclasses.replace(
+        task, first_index=task.first_index + start, prompts=task.prompts[start:stop], seeds=task.seeds[start:stop]
+    )
+
+
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class BatchLimit:
+    """The largest batch this worker's device has been seen to fit; learned from out-of-memory
+    errors so later shards are cut before they fail rather than after."""
+
+    def __init__(self) -> None:
+        self.images: int | None = None
+
+    def learn(self, images: int) -> None:
+        if self.images is None or images < self.images:
+            log.warning("out of memory: batches are limited to %d image(s) from now on", images)
+            self.images = images
+
+
+def generate_fitting(pipe: Any, task: ShardTask, limit: BatchLimit) -> list[bytes]:
+    """``generate_shard``, but on CUDA out of memory free the cache, split the shard in halves and
+    retry, down to one image; a single image that does not fit raises the OOM error.
+
+    Splitting changes the batch composition, so the bytes may differ from an unsplit run by 1/255
+    in a few pixels; the seeds, the count and the order stay exactly those of the request.
+    """
+    if limit.images is not None and task.size > limit.images:
+        step = limit.images
+        return [png for start in range(0, task.size, step) for png in generate_fitting(pipe, _slice(task, start, start + step), limit)]
+    try:
+        return generate_shard(pipe, task)
+    except torch.cuda.OutOfMemoryError:
+        _free_cuda_cache()
+        if task.size == 1:
+            raise
+        half = (task.size + 1) // 2
+        limit.learn(half)
+        return generate_fitting(pipe, _slice(task, 0, half), limit) + generate_fitting(pipe, _slice(task, half, task.size), limit)

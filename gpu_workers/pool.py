@@ -51,6 +51,8 @@ class PoolConfig:
     cpu_threads: int = 1
     max_batch: int = 4
     restart_delay: float = 1.0
+    # A worker that has been up this long before it died restarts without backoff.
+    stable_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class RequestFailed:
     """The request cannot complete; ``detail`` is the readable cause for the client."""
 
     detail: str
+
+
+@dataclass(frozen=True)
+class Drained:
+    """An abandoned request's last running shard has ended: nothing more will come."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ class _Slot:
     pid: int | None = None
     images_done: int = 0
     restarts: int = 0
+    crash_streak: int = 0
+    started_at: float = 0.0
     error: str | None = None
     in_flight: dict[tuple[str, int], ShardTask] = field(default_factory=dict)
 
@@ -97,14 +106,16 @@ class _Slot:
 
 
 class RequestHandle:
-    """The event stream of one request: ``ShardDone`` per finished shard, or one ``RequestFailed``."""
+    """The event stream of one request: ``ShardDone`` per finished shard, or one ``RequestFailed``;
+    after ``abandon``, the shards that were already running still report, then ``Drained``."""
 
     def __init__(self, request: GenerationRequest, shards: list[ShardTask]) -> None:
         self.request = request
         self.shards = shards
-        self.events: asyncio.Queue[ShardDone | RequestFailed] = asyncio.Queue()
+        self.events: asyncio.Queue[ShardDone | RequestFailed | Drained] = asyncio.Queue()
         self.finished: set[int] = set()
-        self.closed = False
+        self.in_flight: set[int] = set()
+        self.abandoned = False
 
     @property
     def request_id(self) -> str:
@@ -127,6 +138,7 @@ class WorkerPool:
         self._receiver: _Receiver | None = None
         self._ready = asyncio.Event()
         self._stopping = False
+        self._seconds_per_image: float | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -148,8 +160,7 @@ class WorkerPool:
     async def stop(self, timeout: float = 10.0) -> None:
         """Sentinels to workers, join with a timeout, then terminate and kill what is left."""
         self._stopping = True
-        for handle in list(self._requests.values()):
-            self._fail(handle, "The server is shutting down.")
+        self.fail_all("The server is shutting down; the request did not finish.")
         for slot in self._slots:
             if slot.process is not None and slot.process.is_alive():
                 slot.tasks.put(StopWorker())
@@ -176,7 +187,28 @@ class WorkerPool:
 
     @property
     def queued_images(self) -> int:
+        """Images waiting for a worker."""
         return self._queue.images
+
+    @property
+    def pending_images(self) -> int:
+        """Images accepted and not finished yet: what admission control bounds."""
+        in_flight = sum(shard.size for slot in self._slots for shard in slot.in_flight.values())
+        return self._queue.images + in_flight
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._requests)
+
+    def estimated_wait(self, images: int) -> float:
+        """Seconds until ``images`` more would be done at the throughput seen so far."""
+        per_image = self._seconds_per_image or 1.0
+        return images * per_image / max(1, self.ready_workers)
+
+    def fail_all(self, detail: str) -> None:
+        for handle in list(self._requests.values()):
+            if not handle.abandoned:
+                self._fail(handle, detail)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         shards = split_into_shards(request, self.config.max_batch)
@@ -186,13 +218,16 @@ class WorkerPool:
         self._dispatch()
         return handle
 
-    def cancel(self, request_id: str) -> None:
-        """Drop a request nobody waits for any more: its queued shards never run."""
-        handle = self._requests.pop(request_id, None)
-        if handle is not None:
-            handle.closed = True
-            dropped = self._queue.drop(request_id)
-            log.info("request %s abandoned; %d queued image(s) dropped", request_id, dropped)
+    def abandon(self, request_id: str) -> None:
+        """Nobody waits for this request any more: its queued shards never run; the ones already
+        running finish and still report (so url images can be kept), then ``Drained`` ends it."""
+        handle = self._requests.get(request_id)
+        if handle is None or handle.abandoned:
+            return
+        handle.abandoned = True
+        dropped = self._queue.drop(request_id)
+        log.info("request %s abandoned: %d queued image(s) dropped, %d shard(s) still running", request_id, dropped, len(handle.in_flight))
+        self._end_if_drained(handle)
 
     def snapshot(self) -> list[WorkerStatus]:
         return [
@@ -230,6 +265,7 @@ class WorkerPool:
         send_end.close()  # the child holds the only writer: EOF on our end means it is gone
         slot.pid = slot.process.pid
         slot.state = "starting"
+        slot.started_at = time.monotonic()
         assert self._receiver is not None
         self._receiver.watch(slot.worker_id, slot.results, slot.process)
         log.info("worker %d starting on %s (pid %d)", slot.worker_id, slot.device, slot.pid)
@@ -244,6 +280,7 @@ class WorkerPool:
             shard = self._queue.pop()
             assert shard is not None
             slot.in_flight[(shard.request_id, shard.shard_id)] = shard
+            self._requests[shard.request_id].in_flight.add(shard.shard_id)
             slot.state = "busy"
             slot.tasks.put(shard)
 
@@ -262,23 +299,32 @@ class WorkerPool:
         elif isinstance(message, WorkerStartFailed):
             slot.state, slot.error = "failed", message.error
             log.error("worker %d could not start: %s", slot.worker_id, message.error)
+            if all(s.state == "failed" for s in self._slots):
+                self.fail_all(f"No worker could load the model: {message.error}")
         elif isinstance(message, ShardDone):
             key = (message.request_id, message.shard_id)
-            shard = slot.in_flight.pop(key, None)
-            if shard is not None:
-                slot.images_done += shard.size
+            if slot.in_flight.pop(key, None) is not None:
+                slot.images_done += len(message.images)
+                slot.crash_streak = 0
+                self._learn_speed(message)
             self._kills.pop(key, None)
             handle = self._requests.get(message.request_id)
             if handle is not None and message.shard_id not in handle.finished:
+                handle.in_flight.discard(message.shard_id)
                 handle.finished.add(message.shard_id)
                 handle.events.put_nowait(message)
                 if handle.complete:
                     self._requests.pop(message.request_id, None)
+                self._end_if_drained(handle)
         elif isinstance(message, ShardFailed):
             slot.in_flight.pop((message.request_id, message.shard_id), None)
             handle = self._requests.get(message.request_id)
             if handle is not None:
-                self._fail(handle, message.error)
+                handle.in_flight.discard(message.shard_id)
+                if handle.abandoned:
+                    self._end_if_drained(handle)
+                else:
+                    self._fail(handle, message.error)
         if slot.state == "busy" and not slot.in_flight:
             slot.state = "ready"
         self._dispatch()
@@ -286,8 +332,17 @@ class WorkerPool:
     def _fail(self, handle: RequestHandle, detail: str) -> None:
         self._requests.pop(handle.request_id, None)
         self._queue.drop(handle.request_id)
-        handle.closed = True
         handle.events.put_nowait(RequestFailed(detail))
+
+    def _end_if_drained(self, handle: RequestHandle) -> None:
+        if handle.abandoned and not handle.in_flight and self._requests.pop(handle.request_id, None) is not None:
+            handle.events.put_nowait(Drained())
+
+    def _learn_speed(self, done: ShardDone) -> None:
+        """A moving average of seconds per image, for Retry-After estimates."""
+        per_image = done.seconds / max(1, len(done.images))
+        previous = self._seconds_per_image
+        self._seconds_per_image = per_image if previous is None else 0.8 * previous + 0.2 * per_image
 
     def _on_exit(self, worker_id: int, exitcode: int | None) -> None:
         """A worker process ended: hand its shards back, fail poison shards, restart it."""
@@ -304,6 +359,10 @@ class WorkerPool:
             handle = self._requests.get(shard.request_id)
             if handle is None or shard.shard_id in handle.finished:
                 continue
+            handle.in_flight.discard(shard.shard_id)
+            if handle.abandoned:
+                self._end_if_drained(handle)
+                continue
             self._kills[key] = self._kills.get(key, 0) + 1
             if self._kills[key] >= MAX_SHARD_KILLS:
                 self._kills.pop(key, None)
@@ -315,9 +374,14 @@ class WorkerPool:
             else:
                 self._queue.put_front(shard)
         if slot.state == "failed":
+            self._dispatch()
             return  # a start failure needs a fix, not a restart loop; /health shows the cause
-        delay = min(MAX_RESTART_DELAY, self.config.restart_delay * 2**slot.restarts)
+        if time.monotonic() - slot.started_at > self.config.stable_seconds:
+            slot.crash_streak = 0
+        delay = min(MAX_RESTART_DELAY, self.config.restart_delay * 2**slot.crash_streak)
+        slot.crash_streak += 1
         slot.restarts += 1
+        log.info("worker %d restarts in %.1f s", worker_id, delay)
         assert self._loop is not None
         self._loop.call_later(delay, self._restart, slot)
         self._dispatch()

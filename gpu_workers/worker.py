@@ -59,12 +59,12 @@ def _failure_detail(exc: BaseException) -> str:
     return f"Image generation failed: {type(exc).__name__}: {exc}"
 
 
-def _run_shard(pipe: Any, config: WorkerConfig, task: ShardTask) -> ShardDone | ShardFailed:
-    from gpu_workers.generation import generate_shard, truncation_warnings
+def _run_shard(pipe: Any, config: WorkerConfig, task: ShardTask, limit: Any) -> ShardDone | ShardFailed:
+    from gpu_workers.generation import generate_fitting, truncation_warnings
 
     started = time.perf_counter()
     try:
-        images = generate_shard(pipe, task)
+        images = generate_fitting(pipe, task, limit)
         warnings = truncation_warnings(pipe, task.prompts)
     except Exception as exc:  # noqa: BLE001 - a failed shard must never take the worker down
         log.exception("worker %d: shard %s/%d failed", config.worker_id, task.request_id, task.shard_id)
@@ -103,6 +103,10 @@ def worker_main(config: WorkerConfig, tasks: Any, results: Any) -> None:
         return
     results.send(WorkerReady(config.worker_id, os.getpid(), config.device, config.model, time.perf_counter() - started))
 
+    from gpu_workers.generation import BatchLimit
+
+    limit = BatchLimit()
+
     while True:
         try:
             message = tasks.get(timeout=POLL_SECONDS)
@@ -112,5 +116,5 @@ def worker_main(config: WorkerConfig, tasks: Any, results: Any) -> None:
             continue
         if isinstance(message, StopWorker):
             break
-        results.send(_run_shard(pipe, config, message))
+        results.send(_run_shard(pipe, config, message, limit))
     results.close()

@@ -27,6 +27,8 @@ class HealthSchema(Schema):
         validate=validate.OneOf(("healthy", "unhealthy")),
         metadata={"description": "healthy while at least one worker takes work (HTTP 200), otherwise unhealthy (HTTP 503)", "example": "healthy"},
     )
+    draining = fields.Bool(metadata={"description": "true after SIGTERM: in-flight requests finish, new ones get 503", "example": False})
+    active_requests = fields.Int(metadata={"description": "/generate requests in progress.", "example": 1})
     cuda_available = fields.Bool(metadata={"example": True})
     cuda_device = fields.Str(allow_none=True, metadata={"example": "NVIDIA H100 80GB HBM3"})
     model = fields.Str(metadata={"example": "sdxl-lightning-8step"})

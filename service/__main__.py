@@ -1,7 +1,8 @@
-"""``python -m service``: settings, logging, worker pool, then serve until stopped."""
+"""``python -m service``: settings, logging, worker pool, then serve until SIGTERM and drain."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -10,7 +11,34 @@ from aiohttp import web
 from gpu_workers.devices import cuda_info, resolve_devices, resolve_model
 from gpu_workers.pool import PoolConfig, WorkerPool
 from service.app import create_app
-from service.settings import load_settings
+from service.keys import LIFECYCLE, POOL
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("service")
+
+# Once the grace period is over (or was cut short), handlers get this long to write their last bytes.
+FINAL_SHUTDOWN_SECONDS = 3.0
+
+
+async def serve(app: web.Application, settings: Settings) -> None:
+    """Serve until the first SIGTERM, keep answering (503 for new work) while in-flight requests
+    finish, then stop the site, the handlers and the workers, in that order."""
+    lifecycle = app[LIFECYCLE]
+    lifecycle.install_signal_handlers(asyncio.get_running_loop())
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("listening on http://%s:%d (docs at /docs)", settings.host, settings.port)
+        await lifecycle.wait_for_stop_request()
+        if not await lifecycle.drain(settings.grace_period):
+            log.warning("stopping with %d request(s) unfinished", lifecycle.active_requests)
+            app[POOL].fail_all("The server is shutting down; the request did not finish.")
+            await asyncio.sleep(0.5)  # let the handlers write their success:false bodies
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=settings.max_batch,
         )
     )
-    logging.getLogger(__name__).info("model %s on %s", model, ", ".join(devices))
-    app = create_app(settings, pool, cuda_info())
-    web.run_app(app, host=settings.host, port=settings.port, access_log=None)
+    log.info("model %s on %s", model, ", ".join(devices))
+    try:
+        asyncio.run(serve(create_app(settings, pool, cuda_info()), settings))
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
     return 0
 
 

@@ -14,7 +14,8 @@ from gpu_workers.devices import CudaInfo
 from service import __version__
 from service.errors import error_middleware, validation_error_callback
 from service.image_store import ImageStore
-from service.keys import CUDA, POOL, SETTINGS, STORE
+from service.keys import BACKGROUND, CUDA, LIFECYCLE, POOL, SETTINGS, STORE
+from service.lifecycle import Lifecycle
 from service.routes import ROUTES
 from service.settings import Settings
 
@@ -49,6 +50,8 @@ async def _evict_images(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(evict_forever())
     yield
     task.cancel()
+    for leftover in list(app[BACKGROUND]):
+        leftover.cancel()
 
 
 def create_app(settings: Settings, pool: Any, cuda: CudaInfo) -> web.Application:
@@ -57,6 +60,8 @@ def create_app(settings: Settings, pool: Any, cuda: CudaInfo) -> web.Application
     app[POOL] = pool
     app[STORE] = ImageStore(settings.image_path, settings.image_retention)
     app[CUDA] = cuda
+    app[LIFECYCLE] = Lifecycle()
+    app[BACKGROUND] = set()
     app.add_routes(ROUTES)
     app.cleanup_ctx.append(_run_pool)
     app.cleanup_ctx.append(_evict_images)

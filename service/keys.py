@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gpu_workers.devices import CudaInfo
 from service.image_store import ImageStore
+from service.lifecycle import Lifecycle
 from service.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -15,3 +16,6 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", Any)
 STORE = web.AppKey("store", ImageStore)
 CUDA = web.AppKey("cuda", CudaInfo)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+# Background work a request leaves behind (storing the url images of a client that hung up).
+BACKGROUND = web.AppKey("background", set)

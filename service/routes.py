@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import uuid
 from typing import Any
@@ -11,19 +12,24 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 
-from gpu_workers.pool import RequestFailed
+from gpu_workers.pool import Drained, RequestFailed
 from gpu_workers.sharding import SEED_SPACE, GenerationRequest
 from schemas.common import ErrorSchema, RootSchema
 from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema, GenerateResponseSchema
 from schemas.health import HealthSchema
 from service import __version__
 from service.errors import json_error
-from service.keys import CUDA, POOL, SETTINGS, STORE
+from service.keys import BACKGROUND, CUDA, LIFECYCLE, POOL, SETTINGS, STORE
 from service.streaming import HeartbeatResponse, write_failure_body, write_images_body
 
 log = logging.getLogger(__name__)
 
 NO_WORKER_RETRY_AFTER = "10"
+DRAINING_RETRY_AFTER = "30"
+# How often a waiting request checks that its client is still connected.
+HANGUP_CHECK_SECONDS = 0.5
+# Bound on how long the url images of a client that hung up are still awaited.
+ORPHAN_WAIT_SECONDS = 600.0
 
 
 @docs(tags=["info"], summary="API information and available endpoints")
@@ -57,9 +63,12 @@ async def health(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     cuda = request.app[CUDA]
     workers = pool.snapshot()
-    healthy = pool.ready_workers > 0
+    lifecycle = request.app[LIFECYCLE]
+    healthy = pool.ready_workers > 0 and not lifecycle.draining
     body = {
         "status": "healthy" if healthy else "unhealthy",
+        "draining": lifecycle.draining,
+        "active_requests": lifecycle.active_requests,
         "cuda_available": cuda.available,
         "cuda_device": cuda.device_name,
         "model": pool.config.model,
@@ -99,6 +108,34 @@ def _limit_problem(data: dict[str, Any], settings: Any) -> str | None:
     return None
 
 
+def _refusal(request: web.Request, images: int) -> web.Response | None:
+    """503 with Retry-After, before any work, when the request cannot be taken now."""
+    settings = request.app[SETTINGS]
+    pool = request.app[POOL]
+    if request.app[LIFECYCLE].draining:
+        return json_error(
+            503, "The server is shutting down and takes no new requests.", headers={"Retry-After": DRAINING_RETRY_AFTER}
+        )
+    if pool.ready_workers == 0:
+        errors = {w.error for w in pool.snapshot() if w.error}
+        cause = f" Worker error: {'; '.join(sorted(errors))}" if errors else ""
+        return json_error(
+            503,
+            "No worker is ready (the model is loading, or failed to load: see /health)." + cause,
+            headers={"Retry-After": NO_WORKER_RETRY_AFTER},
+        )
+    pending = pool.pending_images
+    if pending + images > settings.max_queued_images:
+        wait = math.ceil(pool.estimated_wait(pending + images - settings.max_queued_images))
+        return json_error(
+            503,
+            f"The server is busy: {pending} image(s) are queued and this request would take the total past "
+            f"the limit of {settings.max_queued_images}. Retry in about {wait} s.",
+            headers={"Retry-After": str(max(1, wait))},
+        )
+    return None
+
+
 def _base_url(request: web.Request, public_url: str) -> str:
     if public_url:
         return public_url.rstrip("/")
@@ -131,12 +168,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     problem = _limit_problem(data, settings)
     if problem:
         return json_error(400, problem)
-    if pool.ready_workers == 0:
-        return json_error(
-            503,
-            "No worker is ready yet (the model is loading, or failed to load: see /health); retry shortly.",
-            headers={"Retry-After": NO_WORKER_RETRY_AFTER},
-        )
+    refusal = _refusal(request, len(data["prompts"]) * data["num_images_per_prompt"])
+    if refusal is not None:
+        return refusal
     seed = data["seed"]
     if seed is None or seed == -1:
         seed = secrets.randbelow(SEED_SPACE)
@@ -150,7 +184,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     )
     as_url = data["return_format"] == "url"
     log.info("request %s: %d image(s), seed %d, %s", job.request_id, job.total_images, seed, data["return_format"])
-    return await _run_request(request, job, as_url)
+    with request.app[LIFECYCLE].request():
+        return await _run_request(request, job, as_url)
 
 
 async def _run_request(request: web.Request, job: GenerationRequest, as_url: bool) -> web.StreamResponse:
@@ -167,7 +202,9 @@ async def _run_request(request: web.Request, job: GenerationRequest, as_url: boo
         return heartbeat.response or web.Response(status=499)
     finally:
         if collected.failure is None and len(collected.images) < len(handle.shards):
-            pool.cancel(job.request_id)
+            pool.abandon(job.request_id)
+            if as_url:
+                _keep_in_background(request.app, _store_orphans(request, handle))
 
 
 class _Collected:
@@ -189,24 +226,58 @@ async def _collect(
     loop = asyncio.get_running_loop()
     next_beat = loop.time() + settings.heartbeat_interval
     while collected.failure is None and len(collected.images) < len(handle.shards):
+        if _client_gone(request):
+            raise ConnectionResetError("client disconnected")
         wait = next_beat - loop.time()
         if wait <= 0:
             await heartbeat.beat()
             next_beat = loop.time() + settings.heartbeat_interval
             continue
         try:
-            event = await asyncio.wait_for(handle.events.get(), wait)
+            event = await asyncio.wait_for(handle.events.get(), min(wait, HANGUP_CHECK_SECONDS))
         except TimeoutError:
             continue
         if isinstance(event, RequestFailed):
             collected.failure = event.detail
             continue
+        assert not isinstance(event, Drained)  # only abandoned requests drain
         collected.warnings.update(dict.fromkeys(event.warnings))
         if as_url:
-            ids = await asyncio.to_thread(lambda pngs=event.images: [store.save(png) for png in pngs])
+            ids = await _save_all(store, event.images)
             collected.images[event.shard_id] = [f"{base_url}/images/{image_id}.png".encode() for image_id in ids]
         else:
             collected.images[event.shard_id] = list(event.images)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _save_all(store: Any, pngs: tuple[bytes, ...]) -> list[str]:
+    return await asyncio.to_thread(lambda: [store.save(png) for png in pngs])
+
+
+def _keep_in_background(app: web.Application, coroutine: Any) -> None:
+    """Own a task beyond its request (the app cancels leftovers at shutdown)."""
+    task = asyncio.create_task(coroutine)
+    app[BACKGROUND].add(task)
+    task.add_done_callback(app[BACKGROUND].discard)
+
+
+async def _store_orphans(request: web.Request, handle: Any) -> None:
+    """A url client hung up: the shards already running still finish, and their images are kept."""
+    store = request.app[STORE]
+    stored = 0
+    try:
+        while True:
+            event = await asyncio.wait_for(handle.events.get(), ORPHAN_WAIT_SECONDS)
+            if isinstance(event, (Drained, RequestFailed)):
+                break
+            stored += len(await _save_all(store, event.images))
+    except TimeoutError:
+        log.warning("request %s: gave up waiting for its running shards", handle.request_id)
+    log.info("request %s: stored %d image(s) of running shards after the client left", handle.request_id, stored)
 
 
 async def _respond(

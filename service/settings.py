@@ -35,6 +35,8 @@ class Settings:
     max_batch: int = _setting(4, "most images per shard, the batch a worker runs at once")
     max_images: int = _setting(150, "most images per request (prompts x num_images_per_prompt)")
     max_prompt_chars: int = _setting(2000, "longest prompt, in characters")
+    max_queued_images: int = _setting(600, "most images accepted and not finished; beyond it requests get 503")
+    grace_period: float = _setting(60.0, "seconds in-flight requests get to finish after SIGTERM")
     heartbeat_interval: float = _setting(10.0, "seconds between heartbeat spaces while a request runs")
     image_dir: str = _setting("var/images", "folder for images of return_format url requests")
     image_retention: float = _setting(86400.0, "seconds a stored url image is kept")
@@ -97,9 +99,11 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
 
 def validate(settings: Settings) -> list[str]:
     problems = []
-    for name in ("workers", "cpu_threads", "max_batch", "max_images", "max_prompt_chars"):
+    for name in ("workers", "cpu_threads", "max_batch", "max_images", "max_prompt_chars", "max_queued_images"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
+    if settings.grace_period < 0:
+        problems.append("--grace-period must not be negative")
     if settings.heartbeat_interval <= 0:
         problems.append("--heartbeat-interval must be positive")
     if not 0 <= settings.port <= 65535:

@@ -1,0 +1,66 @@
+"""Graceful stop: on SIGTERM stop admitting (503), let in-flight requests finish up to a grace
+period, then stop; a second SIGTERM (or SIGINT) or the end of the grace period stops at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stop_now = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+
+    @property
+    def active_requests(self) -> int:
+        return self._active
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Count a request from admission to its last byte."""
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.draining:
+            log.warning("%s again: stopping now", name)
+            self._stop_now.set()
+            return
+        log.info("%s: no new requests; draining %d in-flight request(s)", name, self._active)
+        self.draining = True
+        self._stop_requested.set()
+
+    async def wait_for_stop_request(self) -> None:
+        await self._stop_requested.wait()
+
+    async def drain(self, grace_seconds: float) -> bool:
+        """Wait for in-flight requests; True if they all finished within the grace period."""
+        idle = asyncio.ensure_future(self._idle.wait())
+        now = asyncio.ensure_future(self._stop_now.wait())
+        try:
+            done, _ = await asyncio.wait({idle, now}, timeout=grace_seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+            now.cancel()
+        return idle in done

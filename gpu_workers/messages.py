@@ -5,7 +5,7 @@ objects), so the whole protocol can be read in this one file and the same messag
 serialised explicitly to travel between boxes, not only pickled between local processes.
 
 API process -> worker:  ``WorkerConfig`` (at spawn), then ``ShardTask`` ... ``StopWorker``
-worker -> API process:  ``WorkerReady`` | ``WorkerStartFailed`` | ``ShardDone`` | ``ShardFailed``
+worker -> API process:  ``WorkerReady`` | ``WorkerStartFailed`` | ``ShardStarted`` | ``ShardDone`` | ``ShardFailed``
 """
 
 from __future__ import annotations
@@ -79,6 +79,16 @@ class WorkerStartFailed:
 
 
 @dataclass(frozen=True)
+class ShardStarted:
+    """The worker took this shard off its queue and runs it now. If the worker dies, only this
+    shard is blamed; the ones still waiting in its queue go back without a mark."""
+
+    worker_id: int
+    request_id: str
+    shard_id: int
+
+
+@dataclass(frozen=True)
 class ShardDone:
     """A shard's images as PNG bytes, in the shard's order."""
 
@@ -100,4 +110,4 @@ class ShardFailed:
     error: str
 
 
-WorkerMessage = WorkerReady | WorkerStartFailed | ShardDone | ShardFailed
+WorkerMessage = WorkerReady | WorkerStartFailed | ShardStarted | ShardDone | ShardFailed

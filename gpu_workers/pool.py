@@ -22,6 +22,7 @@ from typing import Any
 from gpu_workers.messages import (
     ShardDone,
     ShardFailed,
+    ShardStarted,
     ShardTask,
     StopWorker,
     WorkerConfig,
@@ -99,6 +100,7 @@ class _Slot:
     started_at: float = 0.0
     error: str | None = None
     in_flight: dict[tuple[str, int], ShardTask] = field(default_factory=dict)
+    running: tuple[str, int] | None = None
 
     @property
     def takes_shards(self) -> bool:
@@ -301,6 +303,8 @@ class WorkerPool:
             log.error("worker %d could not start: %s", slot.worker_id, message.error)
             if all(s.state == "failed" for s in self._slots):
                 self.fail_all(f"No worker could load the model: {message.error}")
+        elif isinstance(message, ShardStarted):
+            slot.running = (message.request_id, message.shard_id)
         elif isinstance(message, ShardDone):
             key = (message.request_id, message.shard_id)
             if slot.in_flight.pop(key, None) is not None:
@@ -325,6 +329,8 @@ class WorkerPool:
                     self._end_if_drained(handle)
                 else:
                     self._fail(handle, message.error)
+        if isinstance(message, (ShardDone, ShardFailed)) and slot.running == (message.request_id, message.shard_id):
+            slot.running = None
         if slot.state == "busy" and not slot.in_flight:
             slot.state = "ready"
         self._dispatch()
@@ -348,6 +354,7 @@ class WorkerPool:
         """A worker process ended: hand its shards back, fail poison shards, restart it."""
         slot = self._slots[worker_id]
         lost = list(slot.in_flight.values())
+        culprit, slot.running = slot.running, None
         slot.in_flight.clear()
         if slot.state != "failed":
             slot.state = "dead"
@@ -362,6 +369,9 @@ class WorkerPool:
             handle.in_flight.discard(shard.shard_id)
             if handle.abandoned:
                 self._end_if_drained(handle)
+                continue
+            if key != culprit:
+                self._queue.put_front(shard)  # it was only waiting in the dead worker's queue
                 continue
             self._kills[key] = self._kills.get(key, 0) + 1
             if self._kills[key] >= MAX_SHARD_KILLS:

@@ -17,6 +17,7 @@ from typing import Any
 from gpu_workers.messages import (
     ShardDone,
     ShardFailed,
+    ShardStarted,
     ShardTask,
     StopWorker,
     WorkerConfig,
@@ -116,5 +117,6 @@ def worker_main(config: WorkerConfig, tasks: Any, results: Any) -> None:
             continue
         if isinstance(message, StopWorker):
             break
+        results.send(ShardStarted(config.worker_id, message.request_id, message.shard_id))
         results.send(_run_shard(pipe, config, message, limit))
     results.close()

@@ -23,11 +23,11 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) ->
     """Start ``python -m service`` with extra flags; every server is stopped at session end."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, port: int | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+    def start(*args: str, port: int | None = None, env: dict[str, str] | None = None, healthy: bool = True) -> ServerProcess:
         workdir = tmp_path_factory.mktemp("server")
         server = ServerProcess(workdir, ["--model-cache", str(model_cache), *args], env or {}, port=port)
         started.append(server)
-        return server.start()
+        return server.start(healthy=healthy)
 
     yield start
     for server in started:
@@ -40,3 +40,9 @@ def server(start_server) -> ServerProcess:
     when it is free (so the reference clients run unchanged)."""
     port = REFERENCE_PORT if port_is_free(REFERENCE_PORT) else None
     return start_server("--model", "tiny", "--workers", "1", "--max-batch", "2", port=port)
+
+
+@pytest.fixture(scope="session")
+def two_workers(start_server) -> ServerProcess:
+    """Two CPU workers, shards of 2: the same shard layout as ``server``, so the same bytes."""
+    return start_server("--model", "tiny", "--workers", "2", "--max-batch", "2")

@@ -5,9 +5,13 @@ They wrap the real tiny pipeline, so everything except the injected fault is the
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gpu_workers.loading import load_pipeline
 
@@ -34,3 +38,38 @@ class FailOnMarker:
 
 def failing_tiny(device: str, model_cache: Path) -> FailOnMarker:
     return FailOnMarker(load_pipeline("tiny", device, model_cache))
+
+
+CRASH = "CRASH"
+HUGE = "HUGE"
+
+
+class CrashOnMarker(FailOnMarker):
+    """A prompt containing CRASH kills the worker process outright, like a segfault would."""
+
+    def __call__(self, prompt: list[str], **kwargs: Any) -> Any:
+        if any(CRASH in p for p in prompt):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(prompt, **kwargs)
+
+
+class OutOfMemoryAboveOne:
+    """Behaves like a GPU that fits one image at a time: a batch of more raises CUDA OOM, and a
+    prompt containing HUGE does not fit even alone."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self.tokenizer = pipe.tokenizer
+
+    def __call__(self, prompt: list[str], **kwargs: Any) -> Any:
+        if len(prompt) > 1 or any(HUGE in p for p in prompt):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self._pipe(prompt=prompt, **kwargs)
+
+
+def crashing_tiny(device: str, model_cache: Path) -> CrashOnMarker:
+    return CrashOnMarker(load_pipeline("tiny", device, model_cache))
+
+
+def small_gpu_tiny(device: str, model_cache: Path) -> OutOfMemoryAboveOne:
+    return OutOfMemoryAboveOne(load_pipeline("tiny", device, model_cache))

@@ -47,7 +47,8 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180.0) -> "ServerProcess":
+    def start(self, timeout: float = 180.0, healthy: bool = True) -> "ServerProcess":
+        """Start and wait until /health says healthy (or, with ``healthy=False``, just answers)."""
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.args, cwd=self.workdir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -55,13 +56,27 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                status = requests.get(self.url + "/health", timeout=2).status_code
+                if status == 200 or not healthy:
                     return self
             except requests.ConnectionError:
                 pass
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log()}")
+
+    def health(self) -> dict:
+        return requests.get(self.url + "/health", timeout=10).json()
+
+    def wait_for(self, predicate, timeout: float = 60.0, what: str = "condition") -> dict:
+        """Poll /health until ``predicate(health)`` holds; return that health body."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = self.health()
+            if predicate(health):
+                return health
+            time.sleep(0.1)
+        raise AssertionError(f"{what} not reached in {timeout} s; last health: {health}\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]

@@ -9,8 +9,8 @@ from tests.server_process import ServerProcess
 REQUEST = {"prompts": ["a castle", "a ship at sea", "a portrait"], "num_images_per_prompt": 2, "seed": 2024}
 
 
-def test_one_and_two_workers_give_identical_bytes(server: ServerProcess, start_server) -> None:
-    two = start_server("--model", "tiny", "--workers", "2", "--max-batch", "2")
+def test_one_and_two_workers_give_identical_bytes(server: ServerProcess, two_workers: ServerProcess) -> None:
+    two = two_workers
     health = requests.get(two.url + "/health", timeout=10).json()
     assert len(health["workers"]) == 2
     single = requests.post(server.url + "/generate", json=REQUEST, timeout=120).json()

@@ -1,0 +1,218 @@
+"""Faults with real processes: killed workers, poison shards, out of memory, bursts, hang-ups,
+start failures. Each must end in a clear outcome with nothing lost and no other request harmed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.pipelines import CRASH, HUGE
+from tests.server_process import ServerProcess
+
+
+def post(server: ServerProcess, body: dict, timeout: float = 180) -> requests.Response:
+    return requests.post(server.url + "/generate", json=body, timeout=timeout)
+
+
+def in_background(function, *args) -> dict:
+    """Run ``function(*args)`` in a thread; the returned dict gets ``result`` and ``finished_at``."""
+    box: dict = {}
+
+    def run() -> None:
+        box["result"] = function(*args)
+        box["finished_at"] = time.monotonic()
+
+    box["thread"] = threading.Thread(target=run, daemon=True)
+    box["thread"].start()
+    return box
+
+
+# ----- worker death ----------------------------------------------------------------------------
+
+
+def test_sigkill_mid_request_loses_nothing_and_changes_no_byte(server: ServerProcess, two_workers: ServerProcess) -> None:
+    request = {"prompts": [f"subject {i}" for i in range(6)], "num_images_per_prompt": 2, "seed": 777}
+    undisturbed = post(server, request).json()
+    before = two_workers.health()
+    call = in_background(post, two_workers, request)
+    busy = two_workers.wait_for(
+        lambda h: any(w["state"] == "busy" and w["shards_in_flight"] for w in h["workers"]), what="a busy worker"
+    )
+    victim = next(w for w in busy["workers"] if w["state"] == "busy")
+    os.kill(victim["pid"], signal.SIGKILL)
+    dead_seen = time.monotonic()
+    after_kill = two_workers.wait_for(
+        lambda h: h["workers"][victim["id"]]["pid"] != victim["pid"] or h["workers"][victim["id"]]["state"] == "dead",
+        timeout=5,
+        what="the death seen",
+    )
+    assert time.monotonic() - dead_seen < 1.5, "death must be seen through the sentinel within about a second"
+    assert after_kill["workers"][victim["id"]]["restarts"] == before["workers"][victim["id"]]["restarts"] + 1
+    call["thread"].join(180)
+    disturbed = call["result"].json()
+    assert disturbed["success"] is True
+    assert disturbed["count"] == 12
+    assert disturbed["images"] == undisturbed["images"]
+    healed = two_workers.wait_for(lambda h: all(w["state"] in ("ready", "busy") for w in h["workers"]), what="a replacement")
+    assert healed["workers"][victim["id"]]["pid"] != victim["pid"]
+
+
+@pytest.fixture(scope="module")
+def crashing(start_server) -> ServerProcess:
+    return start_server("--model", "tests.pipelines:crashing_tiny", "--workers", "2", "--max-batch", "1")
+
+
+def test_poison_shard_fails_only_its_own_request(crashing: ServerProcess) -> None:
+    innocent = in_background(post, crashing, {"prompts": [f"fine {i}" for i in range(6)], "seed": 1})
+    poisoned = post(crashing, {"prompts": [f"{CRASH} here"]})
+    innocent["thread"].join(180)
+    if poisoned.status_code == 200:  # heartbeats may have started before the second crash
+        body = poisoned.json()
+        assert body["success"] is False
+    else:
+        assert poisoned.status_code == 500
+        body = poisoned.json()
+    assert "crashed 2 workers" in body["detail"]
+    good = innocent["result"].json()
+    assert good["success"] is True and good["count"] == 6
+    health = crashing.wait_for(lambda h: all(w["state"] in ("ready", "busy") for w in h["workers"]), what="recovery")
+    assert sum(w["restarts"] for w in health["workers"]) == 2
+    assert post(crashing, {"prompts": ["after the storm"]}).json()["success"] is True
+
+
+# ----- out of memory ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_gpu(start_server) -> ServerProcess:
+    return start_server("--model", "tests.pipelines:small_gpu_tiny", "--workers", "1", "--max-batch", "4")
+
+
+def test_oom_splits_down_to_single_images_keeping_order_and_seeds(small_gpu: ServerProcess) -> None:
+    body = post(small_gpu, {"prompts": ["red", "green", "blue"], "num_images_per_prompt": 2, "seed": 40}).json()
+    assert body["success"] is True
+    assert body["count"] == 6
+    assert body["seeds"] == [40, 41, 42, 43, 44, 45]
+    prompts = ["red", "red", "green", "green", "blue", "blue"]
+    singles = [post(small_gpu, {"prompts": [p], "seed": 40 + i}).json()["images"][0] for i, p in enumerate(prompts)]
+    assert body["images"] == singles  # each image is exactly its own seed's, in request order
+    assert small_gpu.health()["workers"][0]["restarts"] == 0
+
+
+def test_single_image_that_does_not_fit_fails_with_the_oom_detail(small_gpu: ServerProcess) -> None:
+    response = post(small_gpu, {"prompts": [f"{HUGE} cathedral"]})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Image generation failed: CUDA out of memory"}
+    assert post(small_gpu, {"prompts": ["small chapel"]}).json()["success"] is True
+    assert small_gpu.health()["workers"][0]["restarts"] == 0
+
+
+# ----- overload --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bounded(start_server) -> ServerProcess:
+    return start_server("--model", "tiny", "--workers", "1", "--max-batch", "2", "--max-queued-images", "8")
+
+
+def test_burst_past_the_queue_bound_gets_503_with_retry_after_at_once(bounded: ServerProcess) -> None:
+    first = in_background(post, bounded, {"prompts": ["one", "two", "three"], "num_images_per_prompt": 2})
+    bounded.wait_for(lambda h: h["active_requests"] == 1, what="the first request admitted")
+    started = time.monotonic()
+    refused = post(bounded, {"prompts": ["four", "five", "six"]})
+    assert time.monotonic() - started < 1.0, "a refusal must come before any work"
+    assert refused.status_code == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "limit of 8" in refused.json()["detail"]
+    fits = post(bounded, {"prompts": ["seven", "eight"]})
+    assert fits.status_code == 200 and fits.json()["count"] == 2
+    first["thread"].join(180)
+    assert first["result"].json()["count"] == 6
+
+
+def test_small_request_is_not_starved_by_an_earlier_large_one(server: ServerProcess) -> None:
+    big = in_background(post, server, {"prompts": [f"scene {i}" for i in range(16)], "seed": 5})
+    server.wait_for(lambda h: h["active_requests"] >= 1 and h["queued_images"] > 0, what="the big request queued")
+    small_started = time.monotonic()
+    small = post(server, {"prompts": ["a quick one"], "seed": 6})
+    small_done = time.monotonic()
+    big["thread"].join(180)
+    assert small.json()["count"] == 1
+    assert big["result"].json()["count"] == 16
+    # Round-robin per shard: the small request waits for at most a shard or two of the big one.
+    assert big["finished_at"] - small_done > 0.5 * (big["finished_at"] - small_started)
+
+
+# ----- client hang-ups -------------------------------------------------------------------------
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def hang_up_after(server: ServerProcess, body: dict, seconds: float) -> None:
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
+        time.sleep(seconds)
+
+
+def test_hang_ups_drop_queued_work_and_leak_nothing(server: ServerProcess) -> None:
+    assert server.process is not None
+    post(server, {"prompts": ["warm"]})
+    fds_before = open_fds(server.process.pid)
+    for round_ in range(8):
+        hang_up_after(server, {"prompts": [f"abandoned {round_} {i}" for i in range(10)]}, 0.3)
+    health = server.wait_for(
+        lambda h: h["active_requests"] == 0 and h["queued_images"] == 0 and all(w["shards_in_flight"] == 0 for w in h["workers"]),
+        timeout=60,
+        what="every abandoned request gone",
+    )
+    # 80 images were asked for; only shards already running when each client left were made.
+    done = health["workers"][0]["images_done"]
+    assert open_fds(server.process.pid) <= fds_before + 2
+    after = post(server, {"prompts": ["still fine"]})
+    assert after.json()["success"] is True
+    assert server.health()["workers"][0]["images_done"] - done == 1
+    assert "abandoned" in server.log()
+
+
+def test_url_images_of_a_client_that_left_are_still_stored(server: ServerProcess) -> None:
+    images = server.workdir / "images"
+    before = set(images.glob("*.png"))
+    hang_up_after(server, {"prompts": [f"keep {i}" for i in range(6)], "return_format": "url"}, 0.4)
+    server.wait_for(lambda h: h["active_requests"] == 0 and all(w["shards_in_flight"] == 0 for w in h["workers"]), what="drained")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not set(images.glob("*.png")) - before:
+        time.sleep(0.1)
+    kept = set(images.glob("*.png")) - before
+    assert 1 <= len(kept) < 6, "the running shard's images are kept, the queued ones never ran"
+
+
+# ----- start failures --------------------------------------------------------------------------
+
+
+def test_bad_model_path_is_reported_with_its_fix(start_server, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    server = start_server("--model", str(missing), "--workers", "1", healthy=False)
+    health = server.wait_for(lambda h: h["workers"][0]["state"] == "failed", what="the start failure")
+    assert requests.get(server.url + "/health", timeout=10).status_code == 503
+    error = health["workers"][0]["error"]
+    assert str(missing) in error and "--model tiny" in error
+    refused = post(server, {"prompts": ["x"]})
+    assert refused.status_code == 503 and "Retry-After" in refused.headers
+    assert str(missing) in refused.json()["detail"]
+    time.sleep(2)
+    assert server.health()["workers"][0]["restarts"] == 0, "a start failure must not restart in a loop"
+    assert str(missing) in server.log()

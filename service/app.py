@@ -7,12 +7,17 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp_cors
 from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
+from aiohttp_apigami.constants import APISPEC_PARSER
 
 from gpu_workers.devices import CudaInfo
 from service import __version__
+from service.access_log import access_log_middleware
+from service.auth import auth_middleware
 from service.errors import error_middleware, validation_error_callback
+from service.json_body import StrictJSONParser
 from service.image_store import ImageStore
 from service.keys import BACKGROUND, CUDA, LIFECYCLE, POOL, SETTINGS, STORE
 from service.lifecycle import Lifecycle
@@ -23,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SPEC_URL = "/openapi.json"
 DOCS_URL = "/docs"
-EVICTION_PERIOD = 60.0
+EVICTION_PERIOD = 60.0  # at most; shorter when the retention time is short
 
 
 async def _run_pool(app: web.Application) -> AsyncIterator[None]:
@@ -45,7 +50,7 @@ async def _evict_images(app: web.Application) -> AsyncIterator[None]:
                     log.info("removed %d expired image(s)", removed)
             except OSError:
                 log.exception("image eviction failed")
-            await asyncio.sleep(EVICTION_PERIOD)
+            await asyncio.sleep(min(EVICTION_PERIOD, max(0.5, store.retention_seconds / 4)))
 
     task = asyncio.create_task(evict_forever())
     yield
@@ -55,25 +60,57 @@ async def _evict_images(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings, pool: Any, cuda: CudaInfo) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, validation_middleware])
+    keys = settings.api_keys()
+    middlewares = [access_log_middleware, error_middleware]
+    if keys:
+        middlewares.append(auth_middleware(keys))
+    middlewares.append(validation_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[POOL] = pool
-    app[STORE] = ImageStore(settings.image_path, settings.image_retention)
+    app[STORE] = ImageStore(settings.image_path, settings.image_retention, settings.image_dir_max_bytes)
     app[CUDA] = cuda
     app[LIFECYCLE] = Lifecycle()
     app[BACKGROUND] = set()
     app.add_routes(ROUTES)
     app.cleanup_ctx.append(_run_pool)
     app.cleanup_ctx.append(_evict_images)
-    setup_aiohttp_apispec(
+    _document(app, secured=bool(keys))
+    _allow_origins(app, settings.allowed_origins())
+    return app
+
+
+def _document(app: web.Application, secured: bool) -> None:
+    """The OpenAPI spec at /openapi.json and Swagger UI at /docs; with keys, an Authorize button."""
+    options: dict[str, Any] = {}
+    if secured:
+        options["security"] = [{"bearer": []}, {"apiKey": []}]
+    api_spec = setup_aiohttp_apispec(
         app,
         title="SDXL Lightning API",
         version=__version__,
         url=SPEC_URL,
         swagger_path=DOCS_URL,
         openapi_version="3.0.3",
-        error_callback=validation_error_callback,
-        in_place=True,
+        in_place=False,
         info={"description": "Batch 1024x576 image generation with SDXL-Lightning (8 steps). Errors are JSON `{\"detail\": ...}`."},
+        **options,
     )
-    return app
+    if secured:
+        api_spec.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+        api_spec.spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})
+    parser = StrictJSONParser()
+    parser.error_callback = validation_error_callback
+    app[APISPEC_PARSER] = parser
+
+
+def _allow_origins(app: web.Application, origins: tuple[str, ...]) -> None:
+    """CORS for browser clients on other origins; off unless origins are configured."""
+    if not origins:
+        return
+    options = aiohttp_cors.ResourceOptions(
+        allow_credentials=False, expose_headers=("X-Request-Id", "Retry-After"), allow_headers=("Content-Type", "Authorization", "X-API-Key")
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        cors.add(route)

@@ -64,8 +64,8 @@ def _detail_of(exc: web.HTTPException) -> str:
             body = None
         if isinstance(body, dict) and isinstance(body.get("detail"), str):
             return body["detail"]
-        if isinstance(body, dict) and body.get("json") == ["Invalid JSON body."]:
-            return "The request body is not valid JSON (UTF-8)."
+    if exc.status == 413:
+        return f"The request body is too large: {(exc.text or '').rstrip('.')}."
     return exc.reason
 
 

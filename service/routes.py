@@ -6,7 +6,6 @@ import asyncio
 import logging
 import math
 import secrets
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from schemas.common import ErrorSchema, RootSchema
 from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema, GenerateResponseSchema
 from schemas.health import HealthSchema
 from service import __version__
+from service.access_log import IMAGES, REQUEST_ID
 from service.errors import json_error
 from service.keys import BACKGROUND, CUDA, LIFECYCLE, POOL, SETTINGS, STORE
 from service.streaming import HeartbeatResponse, write_failure_body, write_images_body
@@ -52,7 +52,8 @@ async def root(request: web.Request) -> web.Response:
 
 @docs(
     tags=["info"],
-    summary="Health check",
+    summary="Health check (no API key needed)",
+    security=[],
     description="200 while at least one worker takes work; 503 while none does (starting, or every worker failed: see `workers[].error`).",
     responses={
         200: {"description": "healthy", "schema": HealthSchema},
@@ -174,8 +175,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     seed = data["seed"]
     if seed is None or seed == -1:
         seed = secrets.randbelow(SEED_SPACE)
+    request[IMAGES] = len(data["prompts"]) * data["num_images_per_prompt"]
     job = GenerationRequest(
-        request_id=uuid.uuid4().hex,
+        request_id=request[REQUEST_ID],
         prompts=tuple(data["prompts"]),
         num_images_per_prompt=data["num_images_per_prompt"],
         base_seed=seed,
@@ -184,6 +186,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     )
     as_url = data["return_format"] == "url"
     log.info("request %s: %d image(s), seed %d, %s", job.request_id, job.total_images, seed, data["return_format"])
+    log.debug("request %s prompts: %r", job.request_id, job.prompts)
     with request.app[LIFECYCLE].request():
         return await _run_request(request, job, as_url)
 

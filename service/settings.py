@@ -16,8 +16,9 @@ from typing import Any
 ENV_PREFIX = "SDXL_"
 
 
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, secret: bool = False) -> Any:
+    """A field with its help text; a secret one is left out of the dataclass's repr (and so of logs)."""
+    return field(default=default, metadata={"help": help}, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,12 @@ class Settings:
     heartbeat_interval: float = _setting(10.0, "seconds between heartbeat spaces while a request runs")
     image_dir: str = _setting("var/images", "folder for images of return_format url requests")
     image_retention: float = _setting(86400.0, "seconds a stored url image is kept")
+    image_dir_max_bytes: int = _setting(5 * 2**30, "disk budget of stored url images; the oldest go first beyond it")
     public_url: str = _setting("", "base URL for image links (e.g. your ngrok URL); default: from the request")
+    api_key: str = _setting("", "require this key (Authorization: Bearer or X-API-Key) on every route but /health and /docs", secret=True)
+    api_key_file: str = _setting("", "file of accepted API keys, one per line (# comments allowed)")
+    cors_origins: str = _setting("", "comma-separated origins allowed to call the API from a browser, or * (default: none)")
+    max_body_bytes: int = _setting(2**20, "largest request body; larger ones get 413")
     model_cache: str = _setting(
         str(Path.home() / ".cache" / "sdxl-lightning-server"), "folder where the tiny model is built"
     )
@@ -49,6 +55,19 @@ class Settings:
     @property
     def image_path(self) -> Path:
         return Path(self.image_dir)
+
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted key: ``api_key`` and the lines of ``api_key_file``. Empty: no auth."""
+        keys = [self.api_key] if self.api_key else []
+        if self.api_key_file:
+            for line in Path(self.api_key_file).read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return tuple(keys)
+
+    def allowed_origins(self) -> tuple[str, ...]:
+        return tuple(origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip())
 
 
 def _flag(name: str) -> str:
@@ -99,13 +118,22 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
 
 def validate(settings: Settings) -> list[str]:
     problems = []
-    for name in ("workers", "cpu_threads", "max_batch", "max_images", "max_prompt_chars", "max_queued_images"):
+    for name in (
+        "workers", "cpu_threads", "max_batch", "max_images", "max_prompt_chars", "max_queued_images",
+        "max_body_bytes", "image_dir_max_bytes",
+    ):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.grace_period < 0:
         problems.append("--grace-period must not be negative")
     if settings.heartbeat_interval <= 0:
         problems.append("--heartbeat-interval must be positive")
+    if settings.api_key_file:
+        try:
+            if not settings.api_keys():
+                problems.append(f"--api-key-file {settings.api_key_file} holds no key")
+        except OSError as exc:
+            problems.append(f"--api-key-file cannot be read: {exc.strerror}")
     if not 0 <= settings.port <= 65535:
         problems.append("--port must be between 0 and 65535")
     return problems

@@ -1,0 +1,53 @@
+"""One structured line per request, and a request id on every response.
+
+The line is JSON so that log tools can filter it: id, method, route, status, images, duration,
+client address (and X-Forwarded-For, as tunnels set it). Prompts are logged only at debug level,
+elsewhere; keys never.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("service.access")
+
+REQUEST_ID = "request_id"
+IMAGES = "images"
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    request[REQUEST_ID] = uuid.uuid4().hex
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request[REQUEST_ID]
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
+        log.info(
+            json.dumps(
+                {
+                    "id": request[REQUEST_ID],
+                    "method": request.method,
+                    "route": route,
+                    "status": status,
+                    "images": request.get(IMAGES, 0),
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "client": request.remote,
+                    "forwarded_for": request.headers.get("X-Forwarded-For"),
+                }
+            )
+        )

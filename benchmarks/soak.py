@@ -5,7 +5,7 @@ when they overlap for minutes: requests in flight while a worker is SIGKILLed, r
 queue is full, 503s while no worker is ready, and memory that must not creep up. It is a script, not
 part of the pytest suite, because it runs for minutes and its numbers are for a person to read.
 
-    python -m benchmarks.soak --clients 4 --minutes 5 --workers 2 --kill-every 7
+    python -m benchmarks.soak --clients 4 --minutes 5 --workers 2 --kill-every 15
 
 By default it starts its own ``python -m service --model tiny`` on a free loopback port (so it can
 read the RSS of the server and its workers, and SIGKILL the workers); ``--url`` points it at a
@@ -271,10 +271,11 @@ def check_success(session: requests.Session, job: Job, data: dict[str, Any]) -> 
 def run_one(session: requests.Session, url: str, job: Job, stats: Stats, stop: threading.Event, started: float) -> None:
     """Send one request and book its outcome; a 503 is a refusal (wait Retry-After), never a loss."""
     stats.add(sent=1)
-    stamp = f"t={time.monotonic() - started:6.1f}s {job.describe()}"
+    sent_at = time.monotonic() - started
     try:
         response = session.post(url + "/generate", json=job.body(), timeout=CLIENT_TIMEOUT_S)
     except requests.RequestException as exc:
+        stamp = f"t={sent_at:.1f}-{time.monotonic() - started:.1f}s {job.describe()}"
         stats.add(images_requested=job.images)
         stats.record_failure(f"{stamp}: {type(exc).__name__}: {exc}")
         return
@@ -283,6 +284,8 @@ def run_one(session: requests.Session, url: str, job: Job, stats: Stats, stop: t
         stop.wait(retry_after_seconds(response))
         return
     stats.add(images_requested=job.images)
+    # Sent and answered: lined up with the kill log, this says which kill a failure followed.
+    stamp = f"t={sent_at:.1f}-{time.monotonic() - started:.1f}s {job.describe()}"
     try:
         data = response.json()
     except ValueError:
@@ -332,12 +335,12 @@ def kill_one_worker(session: requests.Session, url: str, rng: random.Random, sta
     except OSError as exc:  # gone already, or not ours (--url on another host or user)
         stats.add(kill_errors=1)
         with stats.lock:
-            stats.kill_log.append(f"t={time.monotonic() - started:6.1f}s kill worker {victim['id']} pid {victim['pid']} failed: {exc}")
+            stats.kill_log.append(f"t={time.monotonic() - started:.1f}s kill worker {victim['id']} pid {victim['pid']} failed: {exc}")
         return
     stats.add(kills=1)
     with stats.lock:
         stats.kill_log.append(
-            f"t={time.monotonic() - started:6.1f}s SIGKILL worker {victim['id']} pid {victim['pid']} ({victim['state']}, "
+            f"t={time.monotonic() - started:.1f}s SIGKILL worker {victim['id']} pid {victim['pid']} ({victim['state']}, "
             f"{victim.get('shards_in_flight')} shard(s) in flight)"
         )
 
@@ -510,7 +513,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=5.0, help="how long the clients keep sending")
     parser.add_argument("--workers", type=int, default=2, help="CPU workers of the server this script starts")
     parser.add_argument("--max-batch", type=int, default=4, help="--max-batch of the server this script starts")
-    parser.add_argument("--kill-every", type=float, default=7.0, help="seconds between worker SIGKILLs; 0 disables")
+    parser.add_argument("--kill-every", type=float, default=15.0, help="seconds between worker SIGKILLs; 0 disables. Keep it longer than a shard plus a worker restart: a shard that dies with two workers is failed on purpose (the poison-shard rule)")
     parser.add_argument(
         "--url", default="", help="use this running server instead of starting one (no RSS then; kills need its workers on this host)"
     )

@@ -92,9 +92,8 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if healthy else 503)
 
 
-def _limit_problem(data: dict[str, Any], settings: Any) -> str | None:
+def _limit_problem(data: dict[str, Any], total: int, settings: Any) -> str | None:
     """The limits that are settings of the running server, checked after the schema."""
-    total = len(data["prompts"]) * data["num_images_per_prompt"]
     if total > settings.max_images:
         return (
             f"Too many images: {len(data['prompts'])} prompt(s) x {data['num_images_per_prompt']} = {total}; "
@@ -165,17 +164,17 @@ def _base_url(request: web.Request, public_url: str) -> str:
 async def generate(request: web.Request) -> web.StreamResponse:
     data = request["data"]
     settings = request.app[SETTINGS]
-    pool = request.app[POOL]
-    problem = _limit_problem(data, settings)
+    total = len(data["prompts"]) * data["num_images_per_prompt"]
+    problem = _limit_problem(data, total, settings)
     if problem:
         return json_error(400, problem)
-    refusal = _refusal(request, len(data["prompts"]) * data["num_images_per_prompt"])
+    refusal = _refusal(request, total)
     if refusal is not None:
         return refusal
     seed = data["seed"]
     if seed is None or seed == -1:
         seed = secrets.randbelow(SEED_SPACE)
-    request[IMAGES] = len(data["prompts"]) * data["num_images_per_prompt"]
+    request[IMAGES] = total
     job = GenerationRequest(
         request_id=request[REQUEST_ID],
         prompts=tuple(data["prompts"]),

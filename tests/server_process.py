@@ -54,7 +54,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 status = requests.get(self.url + "/health", timeout=2).status_code
                 if status == 200 or not healthy:
@@ -63,7 +63,7 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log_tail()}")
 
     def health(self) -> dict:
         return requests.get(self.url + "/health", timeout=10).json()
@@ -76,10 +76,14 @@ class ServerProcess:
             if predicate(health):
                 return health
             time.sleep(0.1)
-        raise AssertionError(f"{what} not reached in {timeout} s; last health: {health}\n{self.log()}")
+        raise AssertionError(f"{what} not reached in {timeout} s; last health: {health}\n{self.log_tail()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
+        """The whole server log (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self) -> str:
+        return self.log()[-5000:]
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.process is None:

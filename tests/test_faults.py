@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -54,7 +55,7 @@ def test_sigkill_mid_request_loses_nothing_and_changes_no_byte(server: ServerPro
         timeout=5,
         what="the death seen",
     )
-    assert time.monotonic() - dead_seen < 1.5, "death must be seen through the sentinel within about a second"
+    assert time.monotonic() - dead_seen < 1.0, "death must be seen through the sentinel within a second"
     assert after_kill["workers"][victim["id"]]["restarts"] == before["workers"][victim["id"]]["restarts"] + 1
     call["thread"].join(180)
     disturbed = call["result"].json()
@@ -158,6 +159,10 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def rss_mib(pid: int) -> float:
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
 def hang_up_after(server: ServerProcess, body: dict, seconds: float) -> None:
     payload = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
@@ -172,6 +177,7 @@ def test_hang_ups_drop_queued_work_and_leak_nothing(server: ServerProcess) -> No
     assert server.process is not None
     post(server, {"prompts": ["warm"]})
     fds_before = open_fds(server.process.pid)
+    rss_before = rss_mib(server.process.pid)
     for round_ in range(8):
         hang_up_after(server, {"prompts": [f"abandoned {round_} {i}" for i in range(10)]}, 0.3)
     health = server.wait_for(
@@ -182,6 +188,8 @@ def test_hang_ups_drop_queued_work_and_leak_nothing(server: ServerProcess) -> No
     # 80 images were asked for; only shards already running when each client left were made.
     done = health["workers"][0]["images_done"]
     assert open_fds(server.process.pid) <= fds_before + 2
+    # 8 abandoned requests of 10 images would hold ~110 MiB of PNGs if anything kept them.
+    assert rss_mib(server.process.pid) - rss_before < 40
     after = post(server, {"prompts": ["still fine"]})
     assert after.json()["success"] is True
     assert server.health()["workers"][0]["images_done"] - done == 1

@@ -156,6 +156,8 @@ def _base_url(request: web.Request, public_url: str) -> str:
     responses={
         200: {"description": "The images, in request order (or `success: false` after heartbeats)", "schema": GenerateResponseSchema},
         400: {"description": "Invalid body: bad JSON, wrong types, limits", "schema": ErrorSchema},
+        401: {"description": "Missing or wrong API key (only when the server has one set)", "schema": ErrorSchema},
+        413: {"description": "Body larger than the server's limit (1 MiB by default)", "schema": ErrorSchema},
         500: {"description": "Generation failed before heartbeats started", "schema": ErrorSchema},
         503: {"description": "No worker is ready (Retry-After says when to try again)", "schema": ErrorSchema},
     },

@@ -160,7 +160,8 @@ class WorkerPool:
         return True
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Sentinels to workers, join with a timeout, then terminate and kill what is left."""
+        """Sentinels to workers, join with a timeout, then kill what is left (workers ignore
+        SIGTERM on purpose, so a group-wide TERM cannot cut the drain short)."""
         self._stopping = True
         self.fail_all("The server is shutting down; the request did not finish.")
         for slot in self._slots:
@@ -171,9 +172,6 @@ class WorkerPool:
             if slot.process is None:
                 continue
             await asyncio.to_thread(slot.process.join, max(0.0, deadline - time.monotonic()))
-            if slot.process.is_alive():
-                slot.process.terminate()
-                await asyncio.to_thread(slot.process.join, 2.0)
             if slot.process.is_alive():
                 slot.process.kill()
                 await asyncio.to_thread(slot.process.join, 2.0)

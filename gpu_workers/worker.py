@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,18 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
+def _ignore_stop_signals() -> None:
+    """The pool stops workers itself (StopWorker, then terminate, then kill). A TERM or Ctrl-C sent
+    to the whole process group (systemd's default, a terminal) must not kill a worker in the middle
+    of the API process's drain."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def worker_main(config: WorkerConfig, tasks: Any, results: Any) -> None:
     """Entry point of the spawned process. ``tasks`` is its own queue, ``results`` the sending
     end of its own pipe (one writer, so no lock that a killed worker could leave held)."""
+    _ignore_stop_signals()
     _quiet_libraries()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{config.worker_id} %(levelname)s %(message)s")
     parent = os.getppid()

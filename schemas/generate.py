@@ -21,7 +21,7 @@ RETURN_FORMATS = ("base64", "url")
 
 EXAMPLE_REQUEST = {
     "prompts": ["baroque oil painting, dramatic chiaroscuro lighting, a massive disembodied eye made of fire"],
-    "num_images_per_prompt": 2,
+    "num_images_per_prompt": 1,
     "negative_prompt": "modern, photograph, low quality",
     "return_format": "base64",
     "seed": 1234,
@@ -117,4 +117,4 @@ class GenerateResponseSchema(Schema):
     message = fields.Str(metadata={"example": "Successfully generated 2 image(s)"})
     seeds = fields.List(fields.Int(), metadata={"description": "The seed of each image, in the same order.", "example": [1234, 1235]})
     warnings = fields.List(fields.Str(), metadata={"description": "Things the client should know, e.g. truncated prompts.", "example": []})
-    detail = fields.Str(metadata={"description": "The failure, when success is false.", "example": "Image generation failed: CUDA out of memory"})
+    detail = fields.Str(metadata={"description": "Only when success is false: the failure, e.g. 'Image generation failed: CUDA out of memory'."})

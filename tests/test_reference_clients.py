@@ -1,9 +1,17 @@
-"""The reference description's client examples, copied verbatim, run against a live server."""
+"""The reference description's client examples, copied verbatim, run against a live server.
+
+They hard-code http://localhost:8000, so they run against the session's ``server``, which takes port
+8000 whenever it is free; if something else held the port when the session started, they skip.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
+import shutil
 import subprocess
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -15,9 +23,14 @@ from tests.server_process import ServerProcess
 CLIENTS = Path(__file__).parent / "reference_clients"
 
 
-def test_python_requests_example_saves_pngs(server: ServerProcess, tmp_path: Path) -> None:
+@pytest.fixture
+def reference_server(server: ServerProcess) -> ServerProcess:
     if server.port != REFERENCE_PORT:
-        pytest.skip(f"port {REFERENCE_PORT} was taken when the server started; the example hard-codes it")
+        pytest.skip(f"port {REFERENCE_PORT} was taken when the server started; the examples hard-code it")
+    return server
+
+
+def test_python_requests_example_saves_pngs(reference_server: ServerProcess, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(CLIENTS / "python_requests.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
@@ -26,3 +39,24 @@ def test_python_requests_example_saves_pngs(server: ServerProcess, tmp_path: Pat
     with Image.open(tmp_path / "output_0.png") as image:
         assert image.size == (1024, 576)
         assert image.format == "PNG"
+
+
+def test_curl_example_prints_the_json_with_a_png(reference_server: ServerProcess) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (Debian: apt-get install -y curl)")
+    result = subprocess.run(["bash", str(CLIENTS / "curl.sh")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["success"] is True
+    assert body["count"] == 1 and body["message"] == "Successfully generated 1 image(s)"
+    with Image.open(BytesIO(base64.b64decode(body["images"][0]))) as image:
+        assert (image.format, image.size) == ("PNG", (1024, 576))
+
+
+def test_javascript_fetch_example_appends_an_img_per_image(reference_server: ServerProcess) -> None:
+    if shutil.which("node") is None:
+        pytest.skip("Node.js is not installed: the fetch example needs Node 18 or later")
+    result = subprocess.run(["node", str(CLIENTS / "run_fetch.mjs")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    appended = json.loads(result.stdout.strip().splitlines()[-1])["images"]
+    assert [(img["tag"], img["width"], img["height"]) for img in appended] == [("IMG", 1024, 576)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from marshmallow import Schema, fields
 
 
@@ -21,3 +23,15 @@ class RootSchema(Schema):
     version = fields.Str(metadata={"example": "1.0.0"})
     status = fields.Str(metadata={"example": "running"})
     endpoints = fields.Dict(keys=fields.Str(), values=fields.Str())
+
+
+ERROR_SCHEMA_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def error_response(description: str, example_detail: str) -> dict[str, Any]:
+    """An OpenAPI 3 error response with an example of its own (apigami would give every error the
+    schema's one shared example); ``Error`` is registered once by the app."""
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": ERROR_SCHEMA_REF, "example": {"detail": example_detail}}},
+    }

@@ -13,6 +13,7 @@ from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 from aiohttp_apigami.constants import APISPEC_PARSER
 
 from gpu_workers.devices import CudaInfo
+from schemas.common import ErrorSchema
 from service import __version__
 from service.access_log import access_log_middleware
 from service.auth import auth_middleware
@@ -96,6 +97,7 @@ def _document(app: web.Application, secured: bool) -> None:
         info={"description": "Batch 1024x576 image generation with SDXL-Lightning (8 steps). Errors are JSON `{\"detail\": ...}`."},
         **options,
     )
+    api_spec.spec.components.schema("Error", schema=ErrorSchema)
     if secured:
         api_spec.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
         api_spec.spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})

@@ -13,7 +13,7 @@ from aiohttp_apigami import docs, request_schema, response_schema
 
 from gpu_workers.pool import Drained, RequestFailed
 from gpu_workers.sharding import SEED_SPACE, GenerationRequest
-from schemas.common import ErrorSchema, RootSchema
+from schemas.common import RootSchema, error_response
 from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema, GenerateResponseSchema
 from schemas.health import HealthSchema
 from service import __version__
@@ -155,11 +155,23 @@ def _base_url(request: web.Request, public_url: str) -> str:
     ),
     responses={
         200: {"description": "The images, in request order (or `success: false` after heartbeats)", "schema": GenerateResponseSchema},
-        400: {"description": "Invalid body: bad JSON, wrong types, limits", "schema": ErrorSchema},
-        401: {"description": "Missing or wrong API key (only when the server has one set)", "schema": ErrorSchema},
-        413: {"description": "Body larger than the server's limit (1 MiB by default)", "schema": ErrorSchema},
-        500: {"description": "Generation failed before heartbeats started", "schema": ErrorSchema},
-        503: {"description": "No worker is ready (Retry-After says when to try again)", "schema": ErrorSchema},
+        400: error_response(
+            "Invalid body: bad JSON, wrong types, limits",
+            "Invalid request: num_images_per_prompt: Not a valid integer (send a whole JSON number, without quotes or decimals).",
+        ),
+        401: error_response(
+            "Missing or wrong API key (only when the server has one set)",
+            "This server needs an API key: send Authorization: Bearer <key> or X-API-Key: <key>.",
+        ),
+        413: error_response(
+            "Body larger than the server's limit (1 MiB by default)",
+            "The request body is too large: Maximum request body size 1048576 exceeded.",
+        ),
+        500: error_response("Generation failed before heartbeats started", "Image generation failed: CUDA out of memory"),
+        503: error_response(
+            "Queue full, no worker ready, or shutting down; Retry-After says when to try again",
+            "The server is busy: 580 image(s) are queued and this request would take the total past the limit of 600. Retry in about 45 s.",
+        ),
     },
 )
 @request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST)
@@ -316,7 +328,7 @@ async def _respond(
     summary="An image of a return_format url request",
     responses={
         200: {"description": "The PNG image", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
-        404: {"description": "Unknown or expired image", "schema": ErrorSchema},
+        404: error_response("Unknown or expired image", "No such image: it never existed or has expired."),
     },
 )
 async def image(request: web.Request) -> web.StreamResponse:

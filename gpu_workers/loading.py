@@ -28,6 +28,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from gpu_workers.synthetic_model import build_synthetic_pipeline
 from gpu_workers.tiny_model import build_tiny_model
 
 TINY = "tiny"
@@ -86,6 +87,8 @@ def _load_preset(preset: str, device: str, model_cache: Path) -> StableDiffusion
         return _load_folder(folder, device)
     if preset == LIGHTNING_8STEP:
         return _load_lightning(pipeline_dtype(device))
+    if preset == SYNTHETIC:
+        return _with_trailing_euler(build_synthetic_pipeline(device, pipeline_dtype(device)))
     raise ModelLoadError(f"The {preset} preset is not implemented yet: {_CHOICES}")
 
 

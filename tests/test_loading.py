@@ -232,11 +232,6 @@ def test_presets_are_listed() -> None:
     assert DEFAULT_STEPS == 8
 
 
-def test_synthetic_preset_is_not_there_yet(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="sdxl-synthetic preset is not implemented yet"):
-        load_pipeline("sdxl-synthetic", "cpu", tmp_path)
-
-
 def test_missing_path_says_what_to_pass(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(ModelLoadError) as caught:

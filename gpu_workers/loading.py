@@ -28,6 +28,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from gpu_workers.messages import DEFAULT_STEPS  # noqa: F401 - re-exported for callers of the loader
 from gpu_workers.synthetic_model import build_synthetic_pipeline
 from gpu_workers.tiny_model import build_tiny_model
 
@@ -35,7 +36,6 @@ TINY = "tiny"
 LIGHTNING_8STEP = "sdxl-lightning-8step"
 SYNTHETIC = "sdxl-synthetic"
 KNOWN_PRESETS: tuple[str, ...] = (LIGHTNING_8STEP, TINY, SYNTHETIC)
-DEFAULT_STEPS = 8  # what the 8-step Lightning UNet was distilled for
 
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 BASE_VARIANT = "fp16"  # half the download; upcast on load where the device runs float32

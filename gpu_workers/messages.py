@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 IMAGE_WIDTH = 1024
 IMAGE_HEIGHT = 576
+DEFAULT_STEPS = 8  # what the 8-step Lightning UNet was distilled for
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class ShardTask:
     seeds: tuple[int, ...]
     negative_prompt: str | None
     guidance_scale: float
-    steps: int = 8
+    steps: int = DEFAULT_STEPS
     width: int = IMAGE_WIDTH
     height: int = IMAGE_HEIGHT
 

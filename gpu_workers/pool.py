@@ -196,10 +196,6 @@ class WorkerPool:
         in_flight = sum(shard.size for slot in self._slots for shard in slot.in_flight.values())
         return self._queue.images + in_flight
 
-    @property
-    def active_requests(self) -> int:
-        return len(self._requests)
-
     def estimated_wait(self, images: int) -> float:
         """Seconds until ``images`` more would be done at the throughput seen so far."""
         per_image = self._seconds_per_image or 1.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpu_workers.messages import ShardTask
+from gpu_workers.messages import DEFAULT_STEPS, ShardTask
 
 SEED_SPACE = 2**32
 
@@ -24,7 +24,7 @@ class GenerationRequest:
     base_seed: int
     negative_prompt: str | None
     guidance_scale: float
-    steps: int = 8
+    steps: int = DEFAULT_STEPS
 
     @property
     def total_images(self) -> int:

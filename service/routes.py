@@ -208,7 +208,7 @@ async def _run_request(request: web.Request, job: GenerationRequest, as_url: boo
     """Collect the shards with heartbeats, then answer; a client that hung up abandons its shards."""
     pool = request.app[POOL]
     handle = pool.submit(job)
-    heartbeat = HeartbeatResponse(request, request.app[SETTINGS].heartbeat_interval, headers={"X-Request-Id": job.request_id})
+    heartbeat = HeartbeatResponse(request, headers={"X-Request-Id": job.request_id})
     collected = _Collected()
     try:
         await _collect(request, handle, heartbeat, collected, as_url)

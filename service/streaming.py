@@ -24,9 +24,8 @@ HEARTBEAT = b" "
 class HeartbeatResponse:
     """A response whose status line is sent only when the first heartbeat is due."""
 
-    def __init__(self, request: web.Request, interval: float, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, request: web.Request, headers: dict[str, str] | None = None) -> None:
         self.request = request
-        self.interval = interval
         self.headers = headers or {}
         self.response: web.StreamResponse | None = None
 

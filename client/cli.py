@@ -5,6 +5,10 @@ zero-padded) with its prompt, seed and negative prompt in PNG text chunks, so an
 again and made again. Files longer than one request allows are sent as several requests whose seeds
 continue where the previous one stopped: image *i* of the file always gets ``seed + i``. Without
 ``--seed`` the client draws one and prints it, so a run can be repeated.
+
+Each request runs as a job on the server: the bar shows the images done of the total as the server
+reports them, and a dropped connection (a tunnel cut, a server restart) is followed by reattaching
+to the same job, never by sending the batch again.
 """
 
 from __future__ import annotations
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the server may stay silent before the client gives up (default: %(default)s)")
     add("--retries", type=_non_negative_int, default=30,
         help="times a busy server (503) or a refused connection is tried again (default: %(default)s)")
+    add("--reattach-for", type=float, default=600.0,
+        help="seconds to keep reattaching to a running job after the connection drops (default: %(default)s)")
     add("-q", "--quiet", action="store_true", help="no progress bar and no list of saved files")
     return parser
 
@@ -202,15 +208,32 @@ def run(job: Job, client: GenerateClient, out_dir: Path, quiet: bool, saved: lis
     with tqdm(total=job.total_images, unit="img", desc="generating", disable=quiet, file=sys.stderr) as bar:
         client.on_retry = lambda message: bar.write(f"sdxl-client: {message}", file=sys.stderr)
         for chunk in job.chunks():
-            images = len(chunk.prompts) * job.num_images_per_prompt
-            with nullcontext() if quiet else server_progress(client, bar, chunk, images):
-                response = client.generate(job.body(chunk))
+            response = _request_chunk(job, chunk, client, bar, quiet)
             for warning in response.get("warnings") or []:
                 bar.write(f"sdxl-client: server warning: {warning}", file=sys.stderr)
             for path in save_images(job, chunk, response, out_dir, bar):
                 saved.append(path)
                 if not quiet:
                     bar.write(str(path))
+
+
+def _request_chunk(job: Job, chunk: Chunk, client: GenerateClient, bar: tqdm, quiet: bool) -> dict[str, Any]:
+    """As a job where the server has jobs (exact progress, survives dropped connections), else
+    as one /generate with the progress estimated from /health."""
+    images = len(chunk.prompts) * job.num_images_per_prompt
+    accepted = client.start_job(job.body(chunk))
+    if accepted is None:
+        with nullcontext() if quiet else server_progress(client, bar, chunk, images):
+            return client.generate(job.body(chunk))
+    job_id = accepted["job_id"]
+    if not quiet:
+        bar.write(f"sdxl-client: job {job_id}: {images} image(s), progress at {client.base_url}/jobs/{job_id}", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        _advance(bar, chunk.first_index + min(done, images))
+        bar.refresh()
+
+    return client.wait_for_job(job_id, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seed is None and not args.quiet:
             print(f"sdxl-client: seed {job.seed} (pass --seed {job.seed} to make the same images again)", file=sys.stderr)
         api_key = args.api_key or os.environ.get("SDXL_API_KEY")
-        client = GenerateClient(args.url, api_key=api_key, read_timeout=args.timeout, retries=args.retries)
+        client = GenerateClient(
+            args.url, api_key=api_key, read_timeout=args.timeout, retries=args.retries, reattach_seconds=args.reattach_for
+        )
         run(job, client, Path(args.output_dir), args.quiet, saved)
     except ClientError as exc:
         so_far = f" ({len(saved)} image(s) were saved to {args.output_dir} before it)" if saved else ""

@@ -206,8 +206,11 @@ class WorkerPool:
             if not handle.abandoned:
                 self._fail(handle, detail)
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        shards = split_into_shards(request, self.config.max_batch)
+    def submit(self, request: GenerationRequest, shards: list[ShardTask] | None = None) -> RequestHandle:
+        """Queue a request's shards: all of them, or only ``shards`` (a resumed job's unfinished
+        ones, cut with the shard size the job was accepted with)."""
+        if shards is None:
+            shards = split_into_shards(request, self.config.max_batch)
         handle = RequestHandle(request, shards)
         self._requests[request.request_id] = handle
         self._queue.add(shards)

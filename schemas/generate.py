@@ -117,4 +117,7 @@ class GenerateResponseSchema(Schema):
     message = fields.Str(metadata={"example": "Successfully generated 2 image(s)"})
     seeds = fields.List(fields.Int(), metadata={"description": "The seed of each image, in the same order.", "example": [1234, 1235]})
     warnings = fields.List(fields.Str(), metadata={"description": "Things the client should know, e.g. truncated prompts.", "example": []})
+    job_id = fields.Str(
+        metadata={"description": "The job of this request (also the X-Job-Id header): GET /jobs/{job_id} gives the result again.", "example": "3f2b9c4e5d6a47f8a9b0c1d2e3f4a5b6"}
+    )
     detail = fields.Str(metadata={"description": "Only when success is false: the failure, e.g. 'Image generation failed: CUDA out of memory'."})

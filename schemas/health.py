@@ -29,6 +29,7 @@ class HealthSchema(Schema):
     )
     draining = fields.Bool(metadata={"description": "true after SIGTERM: in-flight requests finish, new ones get 503", "example": False})
     active_requests = fields.Int(metadata={"description": "/generate requests in progress.", "example": 1})
+    active_jobs = fields.Int(metadata={"description": "Jobs queued or running (from /generate and POST /jobs).", "example": 1})
     cuda_available = fields.Bool(metadata={"example": True})
     cuda_device = fields.Str(allow_none=True, metadata={"example": "NVIDIA H100 80GB HBM3"})
     model = fields.Str(metadata={"example": "sdxl-lightning-8step"})

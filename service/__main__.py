@@ -11,7 +11,7 @@ from aiohttp import web
 from gpu_workers.devices import cuda_info, resolve_devices, resolve_model
 from gpu_workers.pool import PoolConfig, WorkerPool
 from service.app import create_app
-from service.keys import LIFECYCLE, POOL
+from service.keys import JOBS, LIFECYCLE
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("service")
@@ -22,7 +22,7 @@ FINAL_SHUTDOWN_SECONDS = 3.0
 
 async def serve(app: web.Application, settings: Settings) -> None:
     """Serve until the first SIGTERM, keep answering (503 for new work) while in-flight requests
-    finish, then stop the site, the handlers and the workers, in that order."""
+    and jobs finish, then stop the site, the handlers and the workers, in that order."""
     lifecycle = app[LIFECYCLE]
     lifecycle.install_signal_handlers(asyncio.get_running_loop())
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS)
@@ -32,10 +32,11 @@ async def serve(app: web.Application, settings: Settings) -> None:
         await site.start()
         log.info("listening on http://%s:%d (docs at /docs)", settings.host, settings.port)
         await lifecycle.wait_for_stop_request()
-        if not await lifecycle.drain(settings.grace_period):
-            log.warning("stopping with %d request(s) unfinished", lifecycle.active_requests)
-            app[POOL].fail_all("The server is shutting down; the request did not finish.")
-            await asyncio.sleep(0.5)  # let the handlers write their success:false bodies
+        jobs = app[JOBS]
+        if not await lifecycle.drain(settings.grace_period, also=jobs.idle):
+            log.warning("stopping with %d request(s) and %d job(s) unfinished; the jobs resume on the next start", lifecycle.active_requests, jobs.running_jobs)
+            await jobs.stop()
+            await asyncio.sleep(0.5)  # let the handlers write their last bodies
     finally:
         await runner.cleanup()
     log.info("stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,13 +15,18 @@ from aiohttp_apigami.constants import APISPEC_PARSER
 
 from gpu_workers.devices import CudaInfo
 from schemas.common import ErrorSchema
+from schemas.generate import GenerateResponseSchema
+from schemas.jobs import ProgressLineSchema
 from service import __version__
 from service.access_log import access_log_middleware
 from service.auth import auth_middleware
 from service.errors import error_middleware, validation_error_callback
-from service.json_body import StrictJSONParser
 from service.image_store import ImageStore
-from service.keys import BACKGROUND, CUDA, LIFECYCLE, POOL, SETTINGS, STORE
+from service.job_db import JobDatabase
+from service.job_routes import JOB_ROUTES
+from service.jobs import JobManager
+from service.json_body import StrictJSONParser
+from service.keys import CUDA, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.lifecycle import Lifecycle
 from service.routes import ROUTES
 from service.settings import Settings
@@ -40,24 +46,37 @@ async def _run_pool(app: web.Application) -> AsyncIterator[None]:
     await pool.stop()
 
 
-async def _evict_images(app: web.Application) -> AsyncIterator[None]:
+async def _run_jobs(app: web.Application) -> AsyncIterator[None]:
+    """After the pool is up: resume the jobs a restart interrupted. At the end: tell the listeners
+    of unfinished jobs that they resume later, before the pool stops."""
+    jobs = app[JOBS]
+    resumed = await jobs.resume()
+    if resumed:
+        log.info("resumed %d unfinished job(s)", resumed)
+    yield
+    await jobs.stop()
+    await asyncio.to_thread(jobs.db.close)
+
+
+async def _evict_expired(app: web.Application) -> AsyncIterator[None]:
+    """Jobs and images older than the retention time go (images of unfinished jobs are younger)."""
     store = app[STORE]
+    jobs = app[JOBS]
 
     async def evict_forever() -> None:
         while True:
             try:
+                expired = await jobs.expire(store.retention_seconds)
                 removed = await asyncio.to_thread(store.evict_expired)
-                if removed:
-                    log.info("removed %d expired image(s)", removed)
-            except OSError:
-                log.exception("image eviction failed")
+                if expired or removed:
+                    log.info("removed %d expired job(s) and %d expired image(s)", expired, removed)
+            except (OSError, sqlite3.Error):
+                log.exception("eviction failed")
             await asyncio.sleep(min(EVICTION_PERIOD, max(0.5, store.retention_seconds / 4)))
 
     task = asyncio.create_task(evict_forever())
     yield
     task.cancel()
-    for leftover in list(app[BACKGROUND]):
-        leftover.cancel()
 
 
 def create_app(settings: Settings, pool: Any, cuda: CudaInfo) -> web.Application:
@@ -70,12 +89,14 @@ def create_app(settings: Settings, pool: Any, cuda: CudaInfo) -> web.Application
     app[SETTINGS] = settings
     app[POOL] = pool
     app[STORE] = ImageStore(settings.image_path, settings.image_retention, settings.image_dir_max_bytes)
+    app[JOBS] = JobManager(JobDatabase(settings.job_db_path), app[STORE], pool)
     app[CUDA] = cuda
     app[LIFECYCLE] = Lifecycle()
-    app[BACKGROUND] = set()
     app.add_routes(ROUTES)
+    app.add_routes(JOB_ROUTES)
     app.cleanup_ctx.append(_run_pool)
-    app.cleanup_ctx.append(_evict_images)
+    app.cleanup_ctx.append(_run_jobs)
+    app.cleanup_ctx.append(_evict_expired)
     _document(app, secured=bool(keys))
     _allow_origins(app, settings.allowed_origins())
     return app
@@ -98,6 +119,9 @@ def _document(app: web.Application, secured: bool) -> None:
         **options,
     )
     api_spec.spec.components.schema("Error", schema=ErrorSchema)
+    # Routed by content type in the /generate docs, so registered here rather than by a decorator.
+    api_spec.spec.components.schema("GenerateResponse", schema=GenerateResponseSchema)
+    api_spec.spec.components.schema("ProgressLine", schema=ProgressLineSchema)
     if secured:
         api_spec.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
         api_spec.spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})
@@ -111,7 +135,7 @@ def _allow_origins(app: web.Application, origins: tuple[str, ...]) -> None:
     if not origins:
         return
     options = aiohttp_cors.ResourceOptions(
-        allow_credentials=False, expose_headers=("X-Request-Id", "Retry-After"), allow_headers=("Content-Type", "Authorization", "X-API-Key")
+        allow_credentials=False, expose_headers=("X-Request-Id", "X-Job-Id", "Location", "Retry-After"), allow_headers=("Content-Type", "Authorization", "X-API-Key")
     )
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):

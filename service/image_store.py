@@ -58,6 +58,12 @@ class ImageStore:
         path = self.directory / f"{image_id}.png"
         return path if path.is_file() else None
 
+    def remove_all(self, image_ids: list[str]) -> None:
+        """Delete these images (an expired job's); ids that are already gone are skipped."""
+        for image_id in image_ids:
+            if IMAGE_ID.fullmatch(image_id):
+                self._remove(image_id)
+
     def evict_expired(self, now: float | None = None) -> int:
         """Delete images older than the retention time; returns how many went."""
         cutoff = (time.time() if now is None else now) - self.retention_seconds

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gpu_workers.devices import CudaInfo
 from service.image_store import ImageStore
+from service.jobs import JobManager
 from service.lifecycle import Lifecycle
 from service.settings import Settings
 
@@ -17,5 +18,4 @@ POOL = web.AppKey("pool", Any)
 STORE = web.AppKey("store", ImageStore)
 CUDA = web.AppKey("cuda", CudaInfo)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
-# Background work a request leaves behind (storing the url images of a client that hung up).
-BACKGROUND = web.AppKey("background", set)
+JOBS = web.AppKey("jobs", JobManager)

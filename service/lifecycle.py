@@ -54,9 +54,19 @@ class Lifecycle:
     async def wait_for_stop_request(self) -> None:
         await self._stop_requested.wait()
 
-    async def drain(self, grace_seconds: float) -> bool:
-        """Wait for in-flight requests; True if they all finished within the grace period."""
-        idle = asyncio.ensure_future(self._idle.wait())
+    async def drain(self, grace_seconds: float, also: asyncio.Event | None = None) -> bool:
+        """Wait for in-flight requests (and until ``also`` is set: no job running); True if all
+        of it finished within the grace period."""
+
+        async def all_idle() -> None:
+            while True:
+                await self._idle.wait()
+                if also is not None:
+                    await also.wait()
+                if self._idle.is_set():
+                    return
+
+        idle = asyncio.ensure_future(all_idle())
         now = asyncio.ensure_future(self._stop_now.wait())
         try:
             done, _ = await asyncio.wait({idle, now}, timeout=grace_seconds, return_when=asyncio.FIRST_COMPLETED)

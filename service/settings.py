@@ -39,9 +39,10 @@ class Settings:
     max_queued_images: int = _setting(600, "most images accepted and not finished; beyond it requests get 503")
     grace_period: float = _setting(60.0, "seconds in-flight requests get to finish after SIGTERM")
     heartbeat_interval: float = _setting(10.0, "seconds between heartbeat spaces while a request runs")
-    image_dir: str = _setting("var/images", "folder for images of return_format url requests")
-    image_retention: float = _setting(86400.0, "seconds a stored url image is kept")
-    image_dir_max_bytes: int = _setting(5 * 2**30, "disk budget of stored url images; the oldest go first beyond it")
+    image_dir: str = _setting("var/images", "folder for the images of every job (served to return_format url requests)")
+    image_retention: float = _setting(86400.0, "seconds a finished job and its images are kept")
+    image_dir_max_bytes: int = _setting(5 * 2**30, "disk budget of stored images; the oldest go first beyond it")
+    job_db: str = _setting("var/jobs.sqlite3", "SQLite database of jobs (survives restarts; unfinished jobs resume)")
     public_url: str = _setting("", "base URL for image links (e.g. your ngrok URL); default: from the request")
     api_key: str = _setting("", "require this key (Authorization: Bearer or X-API-Key) on every route but /health and /docs", secret=True)
     api_key_file: str = _setting("", "file of accepted API keys, one per line (# comments allowed)")
@@ -55,6 +56,10 @@ class Settings:
     @property
     def image_path(self) -> Path:
         return Path(self.image_dir)
+
+    @property
+    def job_db_path(self) -> Path:
+        return Path(self.job_db)
 
     def api_keys(self) -> tuple[str, ...]:
         """Every accepted key: ``api_key`` and the lines of ``api_key_file``. Empty: no auth."""

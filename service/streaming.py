@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -53,18 +54,18 @@ async def start_json_stream(request: web.Request, headers: dict[str, str]) -> we
     return response
 
 
-def _b64(png: bytes) -> bytes:
-    return base64.b64encode(png)
+def _b64(png: bytes | Path) -> bytes:
+    return base64.b64encode(png.read_bytes() if isinstance(png, Path) else png)
 
 
 async def write_images_body(
-    response: web.StreamResponse, images: Sequence[bytes], as_base64: bool, fields: dict[str, Any]
+    response: web.StreamResponse, images: Sequence[bytes | Path], as_base64: bool, fields: dict[str, Any]
 ) -> None:
     """Write ``{"success": true, "images": [...], **fields}`` one image at a time.
 
     150 base64 PNGs are some 200 MB: building that as one string would hold it in memory two or
     three times over. Base64 encoding runs in a thread so the event loop keeps serving.
-    ``images`` holds PNG bytes (base64) or URLs already as UTF-8 bytes (url).
+    ``images`` holds PNG bytes or files (base64), or URLs already as UTF-8 bytes (url).
     """
     loop = asyncio.get_running_loop()
     await response.write(b'{"success": true, "images": [')
@@ -78,8 +79,8 @@ async def write_images_body(
     await response.write_eof()
 
 
-async def write_failure_body(response: web.StreamResponse, detail: str) -> None:
+async def write_failure_body(response: web.StreamResponse, detail: str, job_id: str) -> None:
     """The late failure: the status line (200) went out with the first heartbeat."""
-    body = {"success": False, "detail": detail, "images": [], "count": 0}
+    body = {"success": False, "detail": detail, "images": [], "count": 0, "job_id": job_id}
     await response.write(json.dumps(body).encode())
     await response.write_eof()

@@ -38,7 +38,7 @@ class ServerProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.args = [
             sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
-            "--image-dir", str(workdir / "images"), *args,
+            "--image-dir", str(workdir / "images"), "--job-db", str(workdir / "jobs.sqlite3"), *args,
         ]
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **env}
         self.process: subprocess.Popen[bytes] | None = None
@@ -49,7 +49,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 180.0, healthy: bool = True) -> "ServerProcess":
         """Start and wait until /health says healthy (or, with ``healthy=False``, just answers)."""
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")  # a restart appends to the same log
         self.process = subprocess.Popen(self.args, cwd=self.workdir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -64,6 +64,19 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers, as a power cut or an OOM killer would."""
+        assert self.process is not None
+        workers = [w["pid"] for w in self.health()["workers"] if w["pid"]]
+        self.process.kill()
+        self.process.wait(10)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._log.close()
 
     def health(self) -> dict:
         return requests.get(self.url + "/health", timeout=10).json()

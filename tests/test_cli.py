@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngImageFile
 from client.cli import Job, image_name, main
 from client.png_text import add_text
 from tests.server_process import ServerProcess, free_port
+from tests.tcp_proxy import CuttableProxy
 
 SDXL_CLIENT = Path(sys.executable).with_name("sdxl-client")
 PROMPTS = ["baroque oil painting, a lighthouse", "a ship in a storm, chiaroscuro", "Stillleben mit Äpfeln und Zitronen ✓"]
@@ -97,6 +98,29 @@ def test_three_prompts_give_three_named_pngs_with_prompt_and_seed(server: Server
     assert "saved 3 image(s)" in result.stderr
 
 
+def test_a_dropped_connection_reattaches_to_the_same_job(server: ServerProcess, tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"reattach {i}" for i in range(10)) + "\n")
+    proxy = CuttableProxy(server.port)
+    jobs_before = server.log().count("(POST /jobs)")
+    outcome: dict = {}
+    run = threading.Thread(
+        target=lambda: outcome.update(code=main([str(prompts), "-o", str(tmp_path / "out"), "--url", proxy.url, "--seed", "60"]))
+    )
+    run.start()
+    server.wait_for(lambda h: h["workers"][0]["shards_in_flight"] > 0, what="the job running")
+    proxy.cut()  # the tunnel drops mid-batch...
+    time.sleep(2.5)
+    proxy.restore()  # ...and comes back on the same address
+    run.join(180)
+    assert outcome["code"] == 0
+    err = capsys.readouterr().err
+    assert "reattaching to job" in err and "reattached to job" in err
+    assert server.log().count("(POST /jobs)") == jobs_before + 1, "the batch is never sent again"
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [f"{i:03d}_{60 + i}.png" for i in range(10)]
+    assert "10/10" in err
+
+
 def test_a_request_the_server_refuses_is_one_clear_line(server: ServerProcess, tmp_path: Path, capsys) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("x" * 2500 + "\n")
@@ -111,7 +135,8 @@ def test_a_request_the_server_refuses_is_one_clear_line(server: ServerProcess, t
 
 @dataclass
 class Scripted:
-    """Answers each POST with the next scripted (status, headers, body); records when they came."""
+    """Answers each POST /generate with the next scripted (status, headers, body); records when they
+    came. It has no jobs API (POST /jobs is 404), as the reference server."""
 
     answers: list[tuple[int, dict[str, str], bytes]]
     arrivals: list[float] = field(default_factory=list)
@@ -130,6 +155,9 @@ def scripted() -> Iterator[Scripted]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
+            if self.path == "/jobs":  # a server without jobs, like the reference: the client falls back to /generate
+                self.send_error(404)
+                return
             script.arrivals.append(time.monotonic())
             script.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             script.authorizations.append(self.headers.get("Authorization"))

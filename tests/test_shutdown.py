@@ -28,7 +28,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(start_
     assert "stopped" in server.log()
 
 
-def test_grace_period_end_stops_at_once_with_a_clear_failure(start_server) -> None:
+def test_grace_period_end_stops_at_once_and_the_job_resumes_after_restart(start_server) -> None:
     server = start_server("--model", "tiny", "--workers", "1", "--max-batch", "1", "--grace-period", "1")
     call = in_background(post, server, {"prompts": [f"long {i}" for i in range(30)]})
     server.wait_for(lambda h: h["active_requests"] == 1, what="the request admitted")
@@ -38,8 +38,17 @@ def test_grace_period_end_stops_at_once_with_a_clear_failure(start_server) -> No
     assert time.monotonic() - started < 10
     call["thread"].join(30)
     response = call["result"]
-    assert response.status_code == 500
-    assert "shutting down" in response.json()["detail"]
+    # Not a failed generation: the server went away, and the job waits for it in the database.
+    assert response.status_code == 503
+    assert "Retry-After" in response.headers
+    job_id = response.headers["X-Job-Id"]
+    assert response.json()["job_id"] == job_id
+    assert "shutting down" in response.json()["detail"] and f"GET /jobs/{job_id}" in response.json()["detail"]
+    server.start()
+    resumed = requests.get(f"{server.url}/jobs/{job_id}", timeout=10).json()
+    assert resumed["state"] in ("queued", "running") and resumed["images_total"] == 30
+    assert f"job {job_id} resumes" in server.log()
+    assert requests.delete(f"{server.url}/jobs/{job_id}", timeout=10).json()["state"] == "cancelled"
 
 
 def test_second_sigterm_stops_now(start_server) -> None:

@@ -1,0 +1,76 @@
+"""Bodies of the job routes and the lines of an NDJSON progress stream (documentation only: the
+server writes them itself, piece by piece, so they are never built through these schemas)."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+from service.job_db import JOB_STATES
+
+JOB_ID_EXAMPLE = "3f2b9c4e5d6a47f8a9b0c1d2e3f4a5b6"
+
+
+class JobCreatedSchema(Schema):
+    job_id = fields.Str(required=True, metadata={"example": JOB_ID_EXAMPLE})
+    state = fields.Str(required=True, metadata={"example": "queued"})
+    images_total = fields.Int(required=True, metadata={"example": 12})
+    seeds = fields.List(fields.Int(), metadata={"description": "The seed of each image, in request order.", "example": [1234, 1235]})
+    location = fields.Str(metadata={"description": "Where to follow the job (also the Location header).", "example": f"/jobs/{JOB_ID_EXAMPLE}"})
+
+
+class JobStatusSchema(Schema):
+    job_id = fields.Str(required=True, metadata={"example": JOB_ID_EXAMPLE})
+    state = fields.Str(
+        required=True,
+        validate=validate.OneOf(JOB_STATES),
+        metadata={
+            "description": "queued (no image finished yet), running, done, failed or cancelled. A job interrupted by a "
+            "server restart stays queued/running and resumes its unfinished images when the server is back.",
+            "example": "running",
+        },
+    )
+    images_done = fields.Int(required=True, metadata={"description": "Images finished and stored.", "example": 4})
+    images_total = fields.Int(required=True, metadata={"example": 12})
+    return_format = fields.Str(metadata={"example": "base64"})
+    created_at = fields.Float(metadata={"description": "Unix time the job was accepted.", "example": 1795000000.0})
+    finished_at = fields.Float(allow_none=True, metadata={"description": "Unix time the job ended; it expires one retention time later.", "example": None})
+    expires_at = fields.Float(allow_none=True, metadata={"description": "Unix time the job and its images are removed.", "example": None})
+    warnings = fields.List(fields.Str(), metadata={"example": []})
+    detail = fields.Str(metadata={"description": "Why the job failed or ended early (failed, cancelled).", "example": "Image generation failed: CUDA out of memory"})
+    success = fields.Bool(metadata={"description": "Only once the job ended: true when done.", "example": True})
+    images = fields.List(
+        fields.Str(),
+        metadata={"description": "Only when done: the same images as POST /generate returns (base64, or URLs), in request order.", "example": []},
+    )
+    count = fields.Int(metadata={"description": "Only when done.", "example": 12})
+    message = fields.Str(metadata={"description": "Only when done.", "example": "Successfully generated 12 image(s)"})
+    seeds = fields.List(fields.Int(), metadata={"example": [1234, 1235]})
+
+
+class ProgressLineSchema(Schema):
+    """One line of ``Accept: application/x-ndjson``: its ``type`` says which fields it has."""
+
+    type = fields.Str(
+        required=True,
+        validate=validate.OneOf(("job", "image", "progress", "summary")),
+        metadata={
+            "description": "job: the first line (job_id, images_total, seeds). image: one per finished image, in the order "
+            "they finish (index, seed, and base64 or url). progress: every heartbeat interval "
+            "(images_done, images_total). summary: the last line (success, count, seeds, warnings, message or detail).",
+            "example": "image",
+        },
+    )
+    job_id = fields.Str(metadata={"example": JOB_ID_EXAMPLE})
+    index = fields.Int(metadata={"description": "Position of the image in the request (prompt-major).", "example": 3})
+    seed = fields.Int(metadata={"example": 1237})
+    base64 = fields.Str(metadata={"description": "The PNG, base64 (return_format base64).", "example": "iVBORw0KGgo..."})
+    url = fields.Str(metadata={"description": "Link to the PNG (return_format url).", "example": "https://example.ngrok.app/images/0123456789abcdef0123456789abcdef.png"})
+    images_done = fields.Int(metadata={"example": 4})
+    images_total = fields.Int(metadata={"example": 12})
+    success = fields.Bool(metadata={"example": True})
+    state = fields.Str(metadata={"example": "done"})
+    count = fields.Int(metadata={"example": 12})
+    seeds = fields.List(fields.Int(), metadata={"example": [1234, 1235]})
+    warnings = fields.List(fields.Str(), metadata={"example": []})
+    message = fields.Str(metadata={"example": "Successfully generated 12 image(s)"})
+    detail = fields.Str(metadata={"example": "Image generation failed: CUDA out of memory"})

@@ -1,0 +1,86 @@
+"""Whether a valid body becomes a job: the limits that are settings of the running server, then
+whether the server can take the work now (503 with Retry-After before any work, never after)."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+from aiohttp import web
+
+from gpu_workers.sharding import SEED_SPACE
+from service.access_log import IMAGES
+from service.errors import json_error
+from service.job_db import JobSpec
+from service.keys import LIFECYCLE, POOL, SETTINGS
+
+NO_WORKER_RETRY_AFTER = "10"
+DRAINING_RETRY_AFTER = "30"
+
+
+def admit(request: web.Request, data: dict[str, Any]) -> JobSpec | web.Response:
+    """The job to run for a validated body, or the error response that refuses it."""
+    settings = request.app[SETTINGS]
+    total = len(data["prompts"]) * data["num_images_per_prompt"]
+    problem = _limit_problem(data, total, settings)
+    if problem:
+        return json_error(400, problem)
+    refusal = _refusal(request, total)
+    if refusal is not None:
+        return refusal
+    seed = data["seed"]
+    if seed is None or seed == -1:
+        seed = secrets.randbelow(SEED_SPACE)
+    request[IMAGES] = total
+    return JobSpec(
+        prompts=tuple(data["prompts"]),
+        num_images_per_prompt=data["num_images_per_prompt"],
+        seed=seed,
+        negative_prompt=data["negative_prompt"],
+        guidance_scale=data["guidance_scale"],
+        return_format=data["return_format"],
+        shard_size=settings.max_batch,
+    )
+
+
+def _limit_problem(data: dict[str, Any], total: int, settings: Any) -> str | None:
+    if total > settings.max_images:
+        return (
+            f"Too many images: {len(data['prompts'])} prompt(s) x {data['num_images_per_prompt']} = {total}; "
+            f"the limit is {settings.max_images} per request."
+        )
+    for index, prompt in enumerate(data["prompts"]):
+        if len(prompt) > settings.max_prompt_chars:
+            return f"prompts[{index}] is {len(prompt)} characters long; the limit is {settings.max_prompt_chars}."
+    negative = data.get("negative_prompt") or ""
+    if len(negative) > settings.max_prompt_chars:
+        return f"negative_prompt is {len(negative)} characters long; the limit is {settings.max_prompt_chars}."
+    return None
+
+
+def _refusal(request: web.Request, images: int) -> web.Response | None:
+    settings = request.app[SETTINGS]
+    pool = request.app[POOL]
+    if request.app[LIFECYCLE].draining:
+        return json_error(
+            503, "The server is shutting down and takes no new requests.", headers={"Retry-After": DRAINING_RETRY_AFTER}
+        )
+    if pool.ready_workers == 0:
+        errors = {w.error for w in pool.snapshot() if w.error}
+        cause = f" Worker error: {'; '.join(sorted(errors))}" if errors else ""
+        return json_error(
+            503,
+            "No worker is ready (the model is loading, or failed to load: see /health)." + cause,
+            headers={"Retry-After": NO_WORKER_RETRY_AFTER},
+        )
+    pending = pool.pending_images
+    if pending + images > settings.max_queued_images:
+        wait = math.ceil(pool.estimated_wait(pending + images - settings.max_queued_images))
+        return json_error(
+            503,
+            f"The server is busy: {pending} image(s) are queued and this request would take the total past "
+            f"the limit of {settings.max_queued_images}. Retry in about {wait} s.",
+            headers={"Retry-After": str(max(1, wait))},
+        )
+    return None

@@ -1,0 +1,209 @@
+"""The durable record of every job, in an embedded SQLite database (stdlib ``sqlite3``, WAL mode).
+
+A job's row is written when it is accepted, and each finished shard is one transaction that adds
+its image ids and the new count, after the PNG files themselves were renamed into place. So at any
+moment the database names only images that exist, and a server killed at any point restarts
+knowing exactly which shards are finished and which must run again.
+
+Calls block (a few milliseconds at most in WAL mode with ``synchronous=NORMAL``); the job manager
+makes them from a thread. One connection is shared under a lock: writes are tiny and serialised
+anyway, and a single writer never sees ``database is locked``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gpu_workers.sharding import GenerationRequest
+
+QUEUED = "queued"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+CANCELLED = "cancelled"
+UNFINISHED_STATES = (QUEUED, RUNNING)
+JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    images_total INTEGER NOT NULL,
+    images_done INTEGER NOT NULL DEFAULT 0,
+    detail TEXT,
+    warnings TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS job_images (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    image_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+);
+"""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What was asked, as accepted: the seed is already drawn and the shard size fixed, so the job
+    can be cut into the very same shards again after a restart (same shards, same bytes)."""
+
+    prompts: tuple[str, ...]
+    num_images_per_prompt: int
+    seed: int
+    negative_prompt: str | None
+    guidance_scale: float
+    return_format: str
+    shard_size: int
+
+    @property
+    def total_images(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def as_url(self) -> bool:
+        return self.return_format == "url"
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return self.request("").seeds
+
+    def request(self, job_id: str) -> GenerationRequest:
+        return GenerationRequest(
+            request_id=job_id,
+            prompts=self.prompts,
+            num_images_per_prompt=self.num_images_per_prompt,
+            base_seed=self.seed,
+            negative_prompt=self.negative_prompt,
+            guidance_scale=self.guidance_scale,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        data = json.loads(text)
+        data["prompts"] = tuple(data["prompts"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    state: str
+    spec: JobSpec
+    images_done: int
+    detail: str | None
+    warnings: tuple[str, ...]
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+    @property
+    def images_total(self) -> int:
+        return self.spec.total_images
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in UNFINISHED_STATES
+
+
+class JobDatabase:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process kill
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(self, job_id: str, spec: JobSpec) -> JobRecord:
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT INTO jobs (id, state, spec, images_total, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, spec.to_json(), spec.total_images, now, now),
+            )
+        return JobRecord(job_id, QUEUED, spec, 0, None, (), now, now, None)
+
+    def record_shard(self, job_id: str, first_index: int, image_ids: Iterable[str], warnings: Iterable[str]) -> int:
+        """One finished shard, in one transaction; returns the job's images done."""
+        rows = [(job_id, first_index + offset, image_id) for offset, image_id in enumerate(image_ids)]
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            added = self._db.executemany("INSERT OR IGNORE INTO job_images (job_id, idx, image_id) VALUES (?, ?, ?)", rows).rowcount
+            known = json.loads(self._db.execute("SELECT warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+            merged = list(dict.fromkeys([*known, *warnings]))
+            self._db.execute(
+                "UPDATE jobs SET images_done = images_done + ?, warnings = ?, updated_at = ?,"
+                " state = CASE WHEN state = ? THEN ? ELSE state END WHERE id = ?",
+                (added, json.dumps(merged), time.time(), QUEUED, RUNNING, job_id),
+            )
+            return self._db.execute("SELECT images_done FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+    def finish(self, job_id: str, state: str, detail: str | None = None) -> None:
+        """The job's last state; a cancelled job stays cancelled whatever its running shards did."""
+        now = time.time()
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "UPDATE jobs SET state = ?, detail = COALESCE(?, detail), updated_at = ?, finished_at = ?"
+                " WHERE id = ? AND state IN (?, ?)",
+                (state, detail, now, now, job_id, *UNFINISHED_STATES),
+            )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    def image_ids(self, job_id: str) -> dict[int, str]:
+        """The stored images of a job, by their index in the request."""
+        with self._lock:
+            rows = self._db.execute("SELECT idx, image_id FROM job_images WHERE job_id = ? ORDER BY idx", (job_id,)).fetchall()
+        return dict(rows)
+
+    def unfinished(self) -> list[JobRecord]:
+        """Jobs a restart interrupted, oldest first: they resume in the order they were accepted."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE state IN (?, ?) ORDER BY created_at", UNFINISHED_STATES
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def remove_finished_before(self, cutoff: float) -> dict[str, list[str]]:
+        """Delete the jobs that ended before ``cutoff``; returns their image ids, for the files."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            ids = [row[0] for row in self._db.execute("SELECT id FROM jobs WHERE finished_at < ?", (cutoff,))]
+            removed: dict[str, list[str]] = {}
+            for job_id in ids:
+                removed[job_id] = [r[0] for r in self._db.execute("SELECT image_id FROM job_images WHERE job_id = ?", (job_id,))]
+                self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return removed
+
+
+_COLUMNS = "id, state, spec, images_done, detail, warnings, created_at, updated_at, finished_at"
+
+
+def _record(row: tuple) -> JobRecord:
+    job_id, state, spec, done, detail, warnings, created, updated, finished = row
+    return JobRecord(job_id, state, JobSpec.from_json(spec), done, detail, tuple(json.loads(warnings)), created, updated, finished)

@@ -1,0 +1,237 @@
+"""Every accepted batch is a job that runs to its end whoever is listening.
+
+The HTTP handler that accepted a job is only one listener: it may hang up (a tunnel dropping at
+minute 3) and the job goes on, each finished shard stored as PNG files and recorded in the job
+database before anyone is told. A later ``GET /jobs/{id}`` reads the result from there, and a
+server restarted after a kill resumes the shards that had not finished.
+
+One task per live job follows the pool's events for it; listeners get ``ShardStored`` per shard
+and one ``JobEnded``. A listener is an unbounded queue, but its handler stops listening as soon
+as its client is gone, so nothing accumulates for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpu_workers.pool import Drained, RequestFailed
+from gpu_workers.sharding import split_into_shards
+from service.image_store import ImageStore
+from service.job_db import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    JobDatabase,
+    JobRecord,
+    JobSpec,
+)
+
+log = logging.getLogger(__name__)
+
+CANCELLED_DETAIL = "The job was cancelled (DELETE /jobs/{id})."
+
+
+@dataclass(frozen=True)
+class ShardStored:
+    """A shard's images, on disk and in the database: ``pngs`` and ``image_ids`` in shard order."""
+
+    first_index: int
+    pngs: tuple[bytes, ...]
+    image_ids: tuple[str, ...]
+    warnings: tuple[str, ...]
+    images_done: int
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """The job's last state, or ``interrupted`` when the server stops before it ends (it then
+    resumes after the restart, so it is not a failure of the job)."""
+
+    state: str
+    detail: str | None = None
+    interrupted: bool = False
+
+
+JobEvent = ShardStored | JobEnded
+
+
+@dataclass
+class LiveJob:
+    """A job that runs in this process now."""
+
+    job_id: str
+    spec: JobSpec
+    images_done: int
+    created_at: float
+    state: str = QUEUED
+    warnings: dict[str, None] = field(default_factory=dict)
+    listeners: set[asyncio.Queue[JobEvent]] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+    def listen(self) -> asyncio.Queue[JobEvent]:
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self.listeners.add(queue)
+        return queue
+
+    def stop_listening(self, queue: asyncio.Queue[JobEvent]) -> None:
+        self.listeners.discard(queue)
+
+    def publish(self, event: JobEvent) -> None:
+        for queue in self.listeners:
+            queue.put_nowait(event)
+
+
+class JobManager:
+    def __init__(self, db: JobDatabase, store: ImageStore, pool: Any) -> None:
+        self.db = db
+        self.store = store
+        self.pool = pool
+        self._live: dict[str, LiveJob] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    async def resume(self) -> int:
+        """Submit the unfinished shards of every job a stop or a kill interrupted."""
+        records = await asyncio.to_thread(self.db.unfinished)
+        for record in records:
+            done = await asyncio.to_thread(self.db.image_ids, record.job_id)
+            job = LiveJob(record.job_id, record.spec, len(done), record.created_at, state=record.state)
+            job.warnings.update(dict.fromkeys(record.warnings))
+            shards = [
+                shard
+                for shard in split_into_shards(record.spec.request(record.job_id), record.spec.shard_size)
+                if shard.first_index not in done
+            ]
+            log.info("job %s resumes: %d of %d image(s) done, %d shard(s) to run", record.job_id, len(done), record.images_total, len(shards))
+            self._run(job, shards)
+        return len(records)
+
+    async def stop(self) -> None:
+        """Tell the listeners and stop following; the database keeps the jobs unfinished, so
+        they resume on the next start."""
+        self._stopping = True
+        for job in list(self._live.values()):
+            job.publish(
+                JobEnded(
+                    job.state,
+                    f"The server is shutting down; job {job.job_id} resumes when it is back (GET /jobs/{job.job_id}).",
+                    interrupted=True,
+                )
+            )
+            if job.task is not None:
+                job.task.cancel()
+        tasks = [job.task for job in self._live.values() if job.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job runs; True if that happened within ``timeout``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ----- what the routes use ---------------------------------------------------------------
+
+    @property
+    def idle(self) -> asyncio.Event:
+        """Set while no job runs (what a graceful stop waits for)."""
+        return self._idle
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._live)
+
+    def live(self, job_id: str) -> LiveJob | None:
+        return self._live.get(job_id)
+
+    async def create(self, job_id: str, spec: JobSpec) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
+        """Record the job, then queue all its shards; the caller listens from the first event."""
+        record = await asyncio.to_thread(self.db.create, job_id, spec)
+        job = LiveJob(job_id, spec, 0, record.created_at)
+        listener = job.listen()
+        self._run(job, split_into_shards(spec.request(job_id), spec.shard_size))
+        return job, listener
+
+    async def record(self, job_id: str) -> JobRecord | None:
+        return await asyncio.to_thread(self.db.get, job_id)
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Queued shards never run; a shard already running finishes and its images are kept."""
+        job = self._live.get(job_id)
+        if job is not None:
+            await asyncio.to_thread(self.db.finish, job_id, CANCELLED, CANCELLED_DETAIL)
+            job.state = CANCELLED
+            self.pool.abandon(job_id)
+        return await self.record(job_id)
+
+    async def expire(self, retention_seconds: float) -> int:
+        """Remove the jobs that ended longer ago than the retention time, and their images."""
+        removed = await asyncio.to_thread(self.db.remove_finished_before, time.time() - retention_seconds)
+        for image_ids in removed.values():
+            await asyncio.to_thread(self.store.remove_all, image_ids)
+        return len(removed)
+
+    # ----- following one job -----------------------------------------------------------------
+
+    def _run(self, job: LiveJob, shards: list[Any]) -> None:
+        self._live[job.job_id] = job
+        self._idle.clear()
+        handle = self.pool.submit(job.spec.request(job.job_id), shards) if shards else None
+        job.task = asyncio.create_task(self._follow(job, handle), name=f"job-{job.job_id}")
+
+    async def _follow(self, job: LiveJob, handle: Any) -> None:
+        try:
+            ended = await self._collect(job, handle) if handle is not None else JobEnded(DONE)
+            await asyncio.to_thread(self.db.finish, job.job_id, ended.state, ended.detail)
+            job.state = ended.state
+            log.info("job %s %s: %d of %d image(s)%s", job.job_id, ended.state, job.images_done, job.spec.total_images,
+                     f" ({ended.detail})" if ended.detail else "")
+            job.publish(ended)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a disk or database fault must end the job visibly
+            log.exception("job %s: could not store its results", job.job_id)
+            detail = f"The server could not store the images: {exc}"
+            if handle is not None:
+                self.pool.abandon(job.job_id)
+            try:
+                await asyncio.to_thread(self.db.finish, job.job_id, FAILED, detail)
+            except Exception:  # noqa: BLE001
+                log.exception("job %s: could not record its failure", job.job_id)
+            job.publish(JobEnded(FAILED, detail))
+        finally:
+            self._live.pop(job.job_id, None)
+            if not self._live:
+                self._idle.set()
+
+    async def _collect(self, job: LiveJob, handle: Any) -> JobEnded:
+        first_index = {shard.shard_id: shard.first_index for shard in handle.shards}
+        while True:
+            event = await handle.events.get()
+            if isinstance(event, RequestFailed):
+                return JobEnded(FAILED, event.detail)
+            if isinstance(event, Drained):
+                return JobEnded(CANCELLED, CANCELLED_DETAIL)
+            first = first_index[event.shard_id]
+            image_ids, job.images_done = await asyncio.to_thread(self._store_shard, job.job_id, first, event)
+            if job.state == QUEUED:
+                job.state = RUNNING
+            job.warnings.update(dict.fromkeys(event.warnings))
+            job.publish(ShardStored(first, event.images, image_ids, event.warnings, job.images_done))
+            if handle.complete:
+                return JobEnded(DONE) if job.state != CANCELLED else JobEnded(CANCELLED, CANCELLED_DETAIL)
+
+    def _store_shard(self, job_id: str, first_index: int, event: Any) -> tuple[tuple[str, ...], int]:
+        """Files first, then one database transaction naming them (blocking: runs in a thread)."""
+        image_ids = tuple(self.store.save(png) for png in event.images)
+        return image_ids, self.db.record_shard(job_id, first_index, image_ids, event.warnings)

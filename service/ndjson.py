@@ -1,0 +1,73 @@
+"""``Accept: application/x-ndjson``: progress as it happens, one JSON object per line.
+
+Lines: ``job`` first (id, total, seeds); one ``image`` line per image as soon as its shard is
+stored (index, seed, and base64 or url); a ``progress`` line every heartbeat interval (images
+done of total; tunnels cut silent connections, and a queue wait can be long); a ``summary`` last. Images come in the
+order they finish, which with several workers is not request order: ``index`` says where each
+belongs. The status is 200 from the start; a failure is told in the summary line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+from aiohttp import web
+
+from service.job_db import DONE
+from service.job_listening import base_url, follow, image_url, success_fields
+from service.jobs import JobEvent, LiveJob, ShardStored
+from service.keys import SETTINGS
+
+NDJSON_CONTENT_TYPE = "application/x-ndjson"
+
+
+def wants_ndjson(request: web.Request) -> bool:
+    accepted = (part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(","))
+    return NDJSON_CONTENT_TYPE in accepted
+
+
+async def write_line(response: web.StreamResponse, line: dict[str, Any]) -> None:
+    await response.write(json.dumps(line).encode() + b"\n")
+
+
+async def stream_progress(
+    request: web.Request, job: LiveJob, listener: asyncio.Queue[JobEvent], headers: dict[str, str]
+) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    spec = job.spec
+    links = base_url(request, settings.public_url)
+    seeds = spec.seeds
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_type = NDJSON_CONTENT_TYPE
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    await write_line(
+        response,
+        {"type": "job", "job_id": job.job_id, "images_total": spec.total_images, "return_format": spec.return_format, "seeds": list(seeds)},
+    )
+
+    async def on_shard(stored: ShardStored) -> None:
+        for offset, (png, image_id) in enumerate(zip(stored.pngs, stored.image_ids, strict=True)):
+            index = stored.first_index + offset
+            line: dict[str, Any] = {"type": "image", "index": index, "seed": seeds[index]}
+            if spec.as_url:
+                line["url"] = image_url(links, image_id)
+            else:
+                line["base64"] = (await asyncio.to_thread(base64.b64encode, png)).decode()
+            await write_line(response, line)
+
+    async def progress() -> None:
+        await write_line(response, {"type": "progress", "images_done": job.images_done, "images_total": spec.total_images})
+
+    ended = await follow(request, listener, on_shard, progress, settings.heartbeat_interval)
+    summary: dict[str, Any] = {"type": "summary", "success": ended.state == DONE, "state": ended.state}
+    if ended.state == DONE:
+        summary.update(success_fields(job.job_id, spec, list(job.warnings)))
+    else:
+        summary.update(job_id=job.job_id, detail=ended.detail, images_done=job.images_done, images_total=spec.total_images)
+    await write_line(response, summary)
+    await response.write_eof()
+    return response

@@ -169,8 +169,10 @@ class OwnServer:
         return self.process.returncode
 
     def remove_images(self) -> None:
-        """url images are ~MiBs each; a long soak would otherwise leave GiBs in /tmp."""
+        """Every job's images are ~MiBs each; a long soak would otherwise leave GiBs in /tmp. The job
+        database goes with them (var/ of the server's working directory)."""
         shutil.rmtree(self.image_dir, ignore_errors=True)
+        shutil.rmtree(self.workdir / "var", ignore_errors=True)
 
 
 def get_health(session: requests.Session, url: str) -> dict[str, Any] | None:

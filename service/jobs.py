@@ -16,8 +16,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
+from gpu_workers.backend import RequestEvents, ShardBackend
+from gpu_workers.messages import ShardDone, ShardTask
 from gpu_workers.pool import Drained, RequestFailed
 from gpu_workers.sharding import split_into_shards
 from service.image_store import ImageStore
@@ -88,7 +89,7 @@ class LiveJob:
 
 
 class JobManager:
-    def __init__(self, db: JobDatabase, store: ImageStore, pool: Any) -> None:
+    def __init__(self, db: JobDatabase, store: ImageStore, pool: ShardBackend) -> None:
         self.db = db
         self.store = store
         self.pool = pool
@@ -183,13 +184,13 @@ class JobManager:
 
     # ----- following one job -----------------------------------------------------------------
 
-    def _run(self, job: LiveJob, shards: list[Any]) -> None:
+    def _run(self, job: LiveJob, shards: list[ShardTask]) -> None:
         self._live[job.job_id] = job
         self._idle.clear()
         handle = self.pool.submit(job.spec.request(job.job_id), shards) if shards else None
         job.task = asyncio.create_task(self._follow(job, handle), name=f"job-{job.job_id}")
 
-    async def _follow(self, job: LiveJob, handle: Any) -> None:
+    async def _follow(self, job: LiveJob, handle: RequestEvents | None) -> None:
         try:
             ended = await self._collect(job, handle) if handle is not None else JobEnded(DONE)
             await asyncio.to_thread(self.db.finish, job.job_id, ended.state, ended.detail)
@@ -214,7 +215,7 @@ class JobManager:
             if not self._live:
                 self._idle.set()
 
-    async def _collect(self, job: LiveJob, handle: Any) -> JobEnded:
+    async def _collect(self, job: LiveJob, handle: RequestEvents) -> JobEnded:
         first_index = {shard.shard_id: shard.first_index for shard in handle.shards}
         while True:
             event = await handle.events.get()
@@ -231,7 +232,7 @@ class JobManager:
             if handle.complete:
                 return JobEnded(DONE) if job.state != CANCELLED else JobEnded(CANCELLED, CANCELLED_DETAIL)
 
-    def _store_shard(self, job_id: str, first_index: int, event: Any) -> tuple[tuple[str, ...], int]:
+    def _store_shard(self, job_id: str, first_index: int, event: ShardDone) -> tuple[tuple[str, ...], int]:
         """Files first, then one database transaction naming them (blocking: runs in a thread)."""
         image_ids = tuple(self.store.save(png) for png in event.images)
         return image_ids, self.db.record_shard(job_id, first_index, image_ids, event.warnings)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
+from gpu_workers.backend import ShardBackend
 from gpu_workers.devices import CudaInfo
 from service.image_store import ImageStore
 from service.jobs import JobManager
@@ -13,8 +12,8 @@ from service.lifecycle import Lifecycle
 from service.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
-# The pool is typed loosely so unit tests can hand in a fake with the same methods.
-POOL = web.AppKey("pool", Any)
+# The local pool or, later, a broker for other boxes: the service sees only the seam.
+POOL = web.AppKey("pool", ShardBackend)
 STORE = web.AppKey("store", ImageStore)
 CUDA = web.AppKey("cuda", CudaInfo)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

@@ -89,3 +89,17 @@ def test_image_store_round_trip_and_path_safety(tmp_path: Path) -> None:
     os.utime(store.path_for(image_id), (old, old))
     assert store.evict_expired() == 1
     assert store.path_for(image_id) is None
+
+
+def test_the_local_pool_fits_the_seam_the_service_uses() -> None:
+    import inspect
+
+    from gpu_workers.backend import ShardBackend
+    from gpu_workers.pool import PoolConfig, WorkerPool
+
+    pool = WorkerPool(PoolConfig(devices=("cpu",), model="tiny", model_cache="/nonexistent"))
+    assert isinstance(pool, ShardBackend)
+    for name, member in vars(ShardBackend).items():
+        if inspect.isfunction(member) and not name.startswith("_"):
+            expected = list(inspect.signature(member).parameters)
+            assert list(inspect.signature(getattr(WorkerPool, name)).parameters) == expected, name

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, runtime_checkable
 
+from gpu_workers.ledger import Drained, RequestFailed
 from gpu_workers.messages import ShardDone, ShardTask
-from gpu_workers.pool import Drained, PoolConfig, RequestFailed, WorkerStatus
+from gpu_workers.pool import PoolConfig, WorkerStatus
 from gpu_workers.sharding import GenerationRequest
 
 
@@ -32,6 +33,8 @@ class RequestEvents(Protocol):
 @runtime_checkable
 class ShardBackend(Protocol):
     config: PoolConfig
+    # Why no worker can take shards now, beyond the workers' own errors (Redis unreachable); None when fine.
+    problem: str | None
 
     async def start(self) -> None:
         """Begin taking shards; returns at once (workers report ready as they come up)."""
@@ -45,8 +48,8 @@ class ShardBackend(Protocol):
     def abandon(self, request_id: str) -> None:
         """Queued shards never run; running ones finish and report, then ``Drained``."""
 
-    def fail_all(self, detail: str) -> None:
-        """End every request with ``RequestFailed(detail)``."""
+    def fail_all(self, detail: str, status: int = 500) -> None:
+        """End every request with ``RequestFailed(detail, status)``."""
 
     def snapshot(self) -> list[WorkerStatus]:
         """One row per worker, for /health."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_workers.ledger import RequestHandle, RequestLedger
 from gpu_workers.messages import (
     ShardDone,
     ShardFailed,
@@ -30,7 +31,6 @@ from gpu_workers.messages import (
     WorkerReady,
     WorkerStartFailed,
 )
-from gpu_workers.shard_queue import ShardQueue
 from gpu_workers.sharding import GenerationRequest, split_into_shards
 from gpu_workers.worker import worker_main
 
@@ -54,18 +54,6 @@ class PoolConfig:
     restart_delay: float = 1.0
     # A worker that has been up this long before it died restarts without backoff.
     stable_seconds: float = 60.0
-
-
-@dataclass(frozen=True)
-class RequestFailed:
-    """The request cannot complete; ``detail`` is the readable cause for the client."""
-
-    detail: str
-
-
-@dataclass(frozen=True)
-class Drained:
-    """An abandoned request's last running shard has ended: nothing more will come."""
 
 
 @dataclass(frozen=True)
@@ -107,40 +95,19 @@ class _Slot:
         return self.state in ("ready", "busy")
 
 
-class RequestHandle:
-    """The event stream of one request: ``ShardDone`` per finished shard, or one ``RequestFailed``;
-    after ``abandon``, the shards that were already running still report, then ``Drained``."""
-
-    def __init__(self, request: GenerationRequest, shards: list[ShardTask]) -> None:
-        self.request = request
-        self.shards = shards
-        self.events: asyncio.Queue[ShardDone | RequestFailed | Drained] = asyncio.Queue()
-        self.finished: set[int] = set()
-        self.in_flight: set[int] = set()
-        self.abandoned = False
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def complete(self) -> bool:
-        return len(self.finished) == len(self.shards)
-
-
 class WorkerPool:
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
         self._ctx = multiprocessing.get_context("spawn")
         self._slots = [_Slot(worker_id=i, device=device) for i, device in enumerate(config.devices)]
-        self._queue = ShardQueue()
-        self._requests: dict[str, RequestHandle] = {}
+        self.problem: str | None = None  # local processes have no transport to lose
+        self._ledger = RequestLedger()
+        self._queue = self._ledger.queue
         self._kills: dict[tuple[str, int], int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._receiver: _Receiver | None = None
         self._ready = asyncio.Event()
         self._stopping = False
-        self._seconds_per_image: float | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -198,35 +165,24 @@ class WorkerPool:
 
     def estimated_wait(self, images: int) -> float:
         """Seconds until ``images`` more would be done at the throughput seen so far."""
-        per_image = self._seconds_per_image or 1.0
-        return images * per_image / max(1, self.ready_workers)
+        return self._ledger.estimated_wait(images, self.ready_workers)
 
-    def fail_all(self, detail: str) -> None:
-        for handle in list(self._requests.values()):
-            if not handle.abandoned:
-                self._fail(handle, detail)
+    def fail_all(self, detail: str, status: int = 500) -> None:
+        self._ledger.fail_all(detail, status)
 
     def submit(self, request: GenerationRequest, shards: list[ShardTask] | None = None) -> RequestHandle:
         """Queue a request's shards: all of them, or only ``shards`` (a resumed job's unfinished
         ones, cut with the shard size the job was accepted with)."""
         if shards is None:
             shards = split_into_shards(request, self.config.max_batch)
-        handle = RequestHandle(request, shards)
-        self._requests[request.request_id] = handle
-        self._queue.add(shards)
+        handle = self._ledger.add(request, shards)
         self._dispatch()
         return handle
 
     def abandon(self, request_id: str) -> None:
         """Nobody waits for this request any more: its queued shards never run; the ones already
-        running finish and still report (so url images can be kept), then ``Drained`` ends it."""
-        handle = self._requests.get(request_id)
-        if handle is None or handle.abandoned:
-            return
-        handle.abandoned = True
-        dropped = self._queue.drop(request_id)
-        log.info("request %s abandoned: %d queued image(s) dropped, %d shard(s) still running", request_id, dropped, len(handle.in_flight))
-        self._end_if_drained(handle)
+        running finish and still report (their images are kept), then ``Drained`` ends it."""
+        self._ledger.abandon(request_id)
 
     def snapshot(self) -> list[WorkerStatus]:
         return [
@@ -279,7 +235,7 @@ class WorkerPool:
             shard = self._queue.pop()
             assert shard is not None
             slot.in_flight[(shard.request_id, shard.shard_id)] = shard
-            self._requests[shard.request_id].in_flight.add(shard.shard_id)
+            self._ledger.dispatched(shard)
             slot.state = "busy"
             slot.tasks.put(shard)
 
@@ -307,45 +263,16 @@ class WorkerPool:
             if slot.in_flight.pop(key, None) is not None:
                 slot.images_done += len(message.images)
                 slot.crash_streak = 0
-                self._learn_speed(message)
             self._kills.pop(key, None)
-            handle = self._requests.get(message.request_id)
-            if handle is not None and message.shard_id not in handle.finished:
-                handle.in_flight.discard(message.shard_id)
-                handle.finished.add(message.shard_id)
-                handle.events.put_nowait(message)
-                if handle.complete:
-                    self._requests.pop(message.request_id, None)
-                self._end_if_drained(handle)
+            self._ledger.shard_done(message)
         elif isinstance(message, ShardFailed):
             slot.in_flight.pop((message.request_id, message.shard_id), None)
-            handle = self._requests.get(message.request_id)
-            if handle is not None:
-                handle.in_flight.discard(message.shard_id)
-                if handle.abandoned:
-                    self._end_if_drained(handle)
-                else:
-                    self._fail(handle, message.error)
+            self._ledger.shard_failed(message.request_id, message.shard_id, message.error)
         if isinstance(message, (ShardDone, ShardFailed)) and slot.running == (message.request_id, message.shard_id):
             slot.running = None
         if slot.state == "busy" and not slot.in_flight:
             slot.state = "ready"
         self._dispatch()
-
-    def _fail(self, handle: RequestHandle, detail: str) -> None:
-        self._requests.pop(handle.request_id, None)
-        self._queue.drop(handle.request_id)
-        handle.events.put_nowait(RequestFailed(detail))
-
-    def _end_if_drained(self, handle: RequestHandle) -> None:
-        if handle.abandoned and not handle.in_flight and self._requests.pop(handle.request_id, None) is not None:
-            handle.events.put_nowait(Drained())
-
-    def _learn_speed(self, done: ShardDone) -> None:
-        """A moving average of seconds per image, for Retry-After estimates."""
-        per_image = done.seconds / max(1, len(done.images))
-        previous = self._seconds_per_image
-        self._seconds_per_image = per_image if previous is None else 0.8 * previous + 0.2 * per_image
 
     def _on_exit(self, worker_id: int, exitcode: int | None) -> None:
         """A worker process ended: hand its shards back, fail poison shards, restart it."""
@@ -360,12 +287,8 @@ class WorkerPool:
         log.error("worker %d (pid %s) died with exit code %s; %d shard(s) handed back", worker_id, slot.pid, exitcode, len(lost))
         for shard in reversed(lost):
             key = (shard.request_id, shard.shard_id)
-            handle = self._requests.get(shard.request_id)
-            if handle is None or shard.shard_id in handle.finished:
-                continue
-            handle.in_flight.discard(shard.shard_id)
-            if handle.abandoned:
-                self._end_if_drained(handle)
+            handle = self._ledger.shard_lost(shard)
+            if handle is None:
                 continue
             if key != culprit:
                 self._queue.put_front(shard)  # it was only waiting in the dead worker's queue
@@ -373,7 +296,7 @@ class WorkerPool:
             self._kills[key] = self._kills.get(key, 0) + 1
             if self._kills[key] >= MAX_SHARD_KILLS:
                 self._kills.pop(key, None)
-                self._fail(
+                self._ledger.fail(
                     handle,
                     f"Image generation failed: images {shard.first_index}-{shard.first_index + shard.size - 1} "
                     f"crashed {MAX_SHARD_KILLS} workers (last exit code {exitcode}); the rest of the server is unaffected.",

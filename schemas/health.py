@@ -33,5 +33,9 @@ class HealthSchema(Schema):
     cuda_available = fields.Bool(metadata={"example": True})
     cuda_device = fields.Str(allow_none=True, metadata={"example": "NVIDIA H100 80GB HBM3"})
     model = fields.Str(metadata={"example": "sdxl-lightning-8step"})
+    problem = fields.Str(
+        allow_none=True,
+        metadata={"description": "Why no worker can take work beyond the workers' own errors, e.g. the Redis broker is unreachable.", "example": None},
+    )
     queued_images = fields.Int(metadata={"description": "Images waiting for a worker.", "example": 0})
     workers = fields.List(fields.Nested(WorkerSchema))

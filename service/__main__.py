@@ -8,8 +8,10 @@ import sys
 
 from aiohttp import web
 
-from gpu_workers.devices import cuda_info, resolve_devices, resolve_model
+from gpu_workers.backend import ShardBackend
+from gpu_workers.devices import REAL_MODEL, cuda_info, resolve_devices, resolve_model
 from gpu_workers.pool import PoolConfig, WorkerPool
+from gpu_workers.redis_broker import RedisBroker
 from service.app import create_app
 from service.keys import JOBS, LIFECYCLE
 from service.settings import Settings, load_settings
@@ -42,16 +44,18 @@ async def serve(app: web.Application, settings: Settings) -> None:
     log.info("stopped")
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = load_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        devices = resolve_devices(settings.devices, settings.workers)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _backend(settings: Settings) -> ShardBackend:
+    """Local worker processes, or with ``--broker`` the Redis broker for workers on other boxes."""
+    if settings.broker:
+        # The API box need not have a GPU; its workers are meant to: auto is the real model there.
+        model = REAL_MODEL if settings.model == "auto" else settings.model
+        log.info("model %s on the workers of the broker (python -m gpu_workers --broker ...)", model)
+        config = PoolConfig(devices=(), model=model, model_cache=settings.model_cache, max_batch=settings.max_batch)
+        return RedisBroker(config, settings.broker, prefix=settings.broker_prefix)
+    devices = resolve_devices(settings.devices, settings.workers)
     model = resolve_model(settings.model, devices)
-    pool = WorkerPool(
+    log.info("model %s on %s", model, ", ".join(devices))
+    return WorkerPool(
         PoolConfig(
             devices=devices,
             model=model,
@@ -60,9 +64,18 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=settings.max_batch,
         )
     )
-    log.info("model %s on %s", model, ", ".join(devices))
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(serve(create_app(settings, pool, cuda_info()), settings))
+        backend = _backend(settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(create_app(settings, backend, cuda_info()), settings))
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1

@@ -69,6 +69,8 @@ def _refusal(request: web.Request, images: int) -> web.Response | None:
     if pool.ready_workers == 0:
         errors = {w.error for w in pool.snapshot() if w.error}
         cause = f" Worker error: {'; '.join(sorted(errors))}" if errors else ""
+        if pool.problem:
+            cause = f" {pool.problem}.{cause}"
         return json_error(
             503,
             "No worker is ready (the model is loading, or failed to load: see /health)." + cause,

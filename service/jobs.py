@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from gpu_workers.backend import RequestEvents, ShardBackend
+from gpu_workers.ledger import Drained, RequestFailed
 from gpu_workers.messages import ShardDone, ShardTask
-from gpu_workers.pool import Drained, RequestFailed
 from gpu_workers.sharding import split_into_shards
 from service.image_store import ImageStore
 from service.job_db import (
@@ -57,6 +57,7 @@ class JobEnded:
     state: str
     detail: str | None = None
     interrupted: bool = False
+    status: int = 500  # for a failure told before the status line: 503 when retrying later can help
 
 
 JobEvent = ShardStored | JobEnded
@@ -220,7 +221,7 @@ class JobManager:
         while True:
             event = await handle.events.get()
             if isinstance(event, RequestFailed):
-                return JobEnded(FAILED, event.detail)
+                return JobEnded(FAILED, event.detail, status=event.status)
             if isinstance(event, Drained):
                 return JobEnded(CANCELLED, CANCELLED_DETAIL)
             first = first_index[event.shard_id]

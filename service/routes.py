@@ -69,6 +69,7 @@ async def health(request: web.Request) -> web.Response:
         "cuda_device": cuda.device_name,
         "model": pool.config.model,
         "queued_images": pool.queued_images,
+        "problem": pool.problem,
         "workers": [
             {
                 "id": w.worker_id,
@@ -191,7 +192,9 @@ async def _failure(heartbeat: HeartbeatResponse, job: LiveJob, ended: JobEnded, 
     if not heartbeat.started:
         if ended.interrupted:
             return json_error(503, detail, headers={**headers, "Retry-After": DRAINING_RETRY_AFTER}, job_id=job.job_id)
-        return json_error(409 if ended.state == CANCELLED else 500, detail, headers=headers, job_id=job.job_id)
+        status = 409 if ended.state == CANCELLED else ended.status
+        extra = {"Retry-After": DRAINING_RETRY_AFTER} if status == 503 else {}
+        return json_error(status, detail, headers={**headers, **extra}, job_id=job.job_id)
     response = await heartbeat.stream()
     await write_failure_body(response, detail, job.job_id)
     return response

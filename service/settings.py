@@ -7,51 +7,52 @@ wins over the variable, the variable over the default. ``python -m service --hel
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-ENV_PREFIX = "SDXL_"
-
-
-def _setting(default: Any, help: str, secret: bool = False) -> Any:
-    """A field with its help text; a secret one is left out of the dataclass's repr (and so of logs)."""
-    return field(default=default, metadata={"help": help}, repr=not secret)
+from gpu_workers.flag_settings import build_parser as build_settings_parser
+from gpu_workers.flag_settings import flag, parse, setting
 
 
 @dataclass(frozen=True)
 class Settings:
-    host: str = _setting("0.0.0.0", "address to listen on")
-    port: int = _setting(8000, "port to listen on")
-    model: str = _setting(
+    host: str = setting("0.0.0.0", "address to listen on")
+    port: int = setting(8000, "port to listen on")
+    model: str = setting(
         "auto",
         "model preset: sdxl-lightning-8step, tiny, a local diffusers folder, or package.module:factory; "
         "auto = sdxl-lightning-8step where CUDA is available, tiny otherwise",
     )
-    devices: str = _setting("auto", "comma-separated CUDA devices (cuda:0,cuda:1 or 0,1); auto = every CUDA device")
-    workers: int = _setting(1, "number of CPU workers where there is no CUDA device")
-    cpu_threads: int = _setting(1, "torch threads per CPU worker (changes the bytes, so it is fixed, not derived)")
-    max_batch: int = _setting(4, "most images per shard, the batch a worker runs at once")
-    max_images: int = _setting(150, "most images per request (prompts x num_images_per_prompt)")
-    max_prompt_chars: int = _setting(2000, "longest prompt, in characters")
-    max_queued_images: int = _setting(600, "most images accepted and not finished; beyond it requests get 503")
-    grace_period: float = _setting(60.0, "seconds in-flight requests get to finish after SIGTERM")
-    heartbeat_interval: float = _setting(10.0, "seconds between heartbeat spaces while a request runs")
-    image_dir: str = _setting("var/images", "folder for the images of every job (served to return_format url requests)")
-    image_retention: float = _setting(86400.0, "seconds a finished job and its images are kept")
-    image_dir_max_bytes: int = _setting(5 * 2**30, "disk budget of stored images; the oldest go first beyond it")
-    job_db: str = _setting("var/jobs.sqlite3", "SQLite database of jobs (survives restarts; unfinished jobs resume)")
-    public_url: str = _setting("", "base URL for image links (e.g. your ngrok URL); default: from the request")
-    api_key: str = _setting("", "require this key (Authorization: Bearer or X-API-Key) on every route but /health and /docs", secret=True)
-    api_key_file: str = _setting("", "file of accepted API keys, one per line (# comments allowed)")
-    cors_origins: str = _setting("", "comma-separated origins allowed to call the API from a browser, or * (default: none)")
-    max_body_bytes: int = _setting(2**20, "largest request body; larger ones get 413")
-    model_cache: str = _setting(
+    devices: str = setting("auto", "comma-separated CUDA devices (cuda:0,cuda:1 or 0,1); auto = every CUDA device")
+    workers: int = setting(1, "number of CPU workers where there is no CUDA device; 0 with --broker: an API box with no local workers")
+    cpu_threads: int = setting(1, "torch threads per CPU worker (changes the bytes, so it is fixed, not derived)")
+    max_batch: int = setting(4, "most images per shard, the batch a worker runs at once")
+    max_images: int = setting(150, "most images per request (prompts x num_images_per_prompt)")
+    max_prompt_chars: int = setting(2000, "longest prompt, in characters")
+    max_queued_images: int = setting(600, "most images accepted and not finished; beyond it requests get 503")
+    grace_period: float = setting(60.0, "seconds in-flight requests get to finish after SIGTERM")
+    heartbeat_interval: float = setting(10.0, "seconds between heartbeat spaces while a request runs")
+    image_dir: str = setting("var/images", "folder for the images of every job (served to return_format url requests)")
+    image_retention: float = setting(86400.0, "seconds a finished job and its images are kept")
+    image_dir_max_bytes: int = setting(5 * 2**30, "disk budget of stored images; the oldest go first beyond it")
+    job_db: str = setting("var/jobs.sqlite3", "SQLite database of jobs (survives restarts; unfinished jobs resume)")
+    public_url: str = setting("", "base URL for image links (e.g. your ngrok URL); default: from the request")
+    api_key: str = setting("", "require this key (Authorization: Bearer or X-API-Key) on every route but /health and /docs", secret=True)
+    api_key_file: str = setting("", "file of accepted API keys, one per line (# comments allowed)")
+    cors_origins: str = setting("", "comma-separated origins allowed to call the API from a browser, or * (default: none)")
+    max_body_bytes: int = setting(2**20, "largest request body; larger ones get 413")
+    model_cache: str = setting(
         str(Path.home() / ".cache" / "sdxl-lightning-server"), "folder where the tiny model is built"
     )
-    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    broker: str = setting(
+        "",
+        "redis:// or rediss:// URL of a Redis that carries shards to workers on other boxes (python -m gpu_workers); "
+        "default: none, local worker processes",
+        secret=True,
+    )
+    broker_prefix: str = setting("sdxl", "prefix of the Redis keys, so that several deployments can share one Redis")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     @property
     def image_path(self) -> Path:
@@ -75,46 +76,18 @@ class Settings:
         return tuple(origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip())
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    return build_settings_parser(
+        Settings,
         prog="python -m service",
         description="SDXL-Lightning batch image API. Every flag also reads the SDXL_* variable named in its help.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for spec in fields(Settings):
-        assert spec.default is not MISSING
-        parser.add_argument(
-            _flag(spec.name),
-            dest=spec.name,
-            type=type(spec.default),
-            default=argparse.SUPPRESS,
-            help=f"{spec.metadata['help']} [{_env_name(spec.name)}, default: {spec.default!r}]",
-        )
-    return parser
 
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Defaults, overridden by ``SDXL_*`` variables, overridden by flags."""
-    environ = os.environ if environ is None else environ
     parser = build_parser()
-    values: dict[str, Any] = {}
-    for spec in fields(Settings):
-        raw = environ.get(_env_name(spec.name))
-        if raw is not None:
-            try:
-                values[spec.name] = type(spec.default)(raw)
-            except ValueError:
-                parser.error(f"{_env_name(spec.name)}={raw!r} is not a valid {type(spec.default).__name__}")
-    values.update(vars(parser.parse_args(argv)))
-    settings = Settings(**values)
+    settings = parse(Settings, parser, argv, environ)
     problems = validate(settings)
     if problems:
         parser.error("; ".join(problems))
@@ -124,11 +97,17 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
 def validate(settings: Settings) -> list[str]:
     problems = []
     for name in (
-        "workers", "cpu_threads", "max_batch", "max_images", "max_prompt_chars", "max_queued_images",
+        "cpu_threads", "max_batch", "max_images", "max_prompt_chars", "max_queued_images",
         "max_body_bytes", "image_dir_max_bytes",
     ):
         if getattr(settings, name) < 1:
-            problems.append(f"{_flag(name)} must be at least 1")
+            problems.append(f"{flag(name)} must be at least 1")
+    if settings.workers < 0 or (settings.workers == 0 and not settings.broker):
+        problems.append("--workers must be at least 1 (0 only with --broker: an API box whose workers are on other boxes)")
+    if settings.broker and not settings.broker.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("--broker must be a redis://, rediss:// or unix:// URL")
+    if settings.broker and settings.workers != 0:
+        problems.append("with --broker, run the workers with python -m gpu_workers --broker URL and start the API with --workers 0")
     if settings.grace_period < 0:
         problems.append("--grace-period must not be negative")
     if settings.heartbeat_interval <= 0:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.debian_packages import apt_install
+from tests.redis_server import RedisServer
 from tests.server_process import ServerProcess, port_is_free
 
 REFERENCE_PORT = 8000
@@ -30,8 +33,22 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) ->
         return server.start(healthy=healthy)
 
     yield start
+    for server in started:  # TERM them all first: their drains then run side by side
+        server.terminate()
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port (Debian's package, installed when missing)."""
+    if shutil.which("redis-server") is None:
+        problem = apt_install("redis-server")
+        if shutil.which("redis-server") is None:
+            pytest.skip(f"redis-server is not installed and cannot be installed here: {problem or 'no binary after the install'}. "
+                        "Install it with `apt-get install -y redis-server` (as .ci/run does)")
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180.0, healthy: bool = True) -> "ServerProcess":
+    def start(self, timeout: float = 180.0, healthy: bool = True) -> ServerProcess:
         """Start and wait until /health says healthy (or, with ``healthy=False``, just answers)."""
         self._log = open(self.log_path, "ab")  # a restart appends to the same log
         self.process = subprocess.Popen(self.args, cwd=self.workdir, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -98,11 +98,18 @@ class ServerProcess:
     def log_tail(self) -> str:
         return self.log()[-5000:]
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (``stop`` waits)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = self.process
+
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            if getattr(self, "_terminated", None) is not self.process:  # a second TERM would mean "stop now"
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -28,6 +26,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from tests.conftest import REFERENCE_PORT
+from tests.debian_packages import apt_install
 from tests.server_process import REPO, ServerProcess
 
 SCREENSHOTS = REPO / "test-output" / "browser"
@@ -43,7 +42,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-APT_TIMEOUT_SECONDS = 900
 RESPONSE_TIMEOUT_MS = 120_000
 
 
@@ -51,29 +49,11 @@ def _find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _apt_install_chromium() -> str | None:
-    """Install Debian's chromium; None on success, otherwise why it could not be installed."""
-    if shutil.which("apt-get") is None:
-        return "there is no apt-get (not Debian or Ubuntu)"
-    if os.geteuid() != 0:
-        return "the tests are not running as root"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    wait_for_lock = ["-o", "DPkg::Lock::Timeout=300"]
-    for command in (["apt-get", *wait_for_lock, "update", "-q"], ["apt-get", *wait_for_lock, "install", "-y", "-q", "chromium"]):
-        try:
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(command)}` took more than {APT_TIMEOUT_SECONDS} s"
-        if result.returncode != 0:
-            return f"`{' '.join(command)}` failed: {result.stderr.strip()[-500:]}"
-    return None
-
-
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
     found = _find_chromium()
     if found is None:
-        problem = _apt_install_chromium()
+        problem = apt_install("chromium")
         found = _find_chromium()
         if found is None:
             pytest.skip(f"Chromium is not installed and cannot be installed here: {problem or 'no chromium binary after the install'}. "

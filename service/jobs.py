@@ -218,6 +218,10 @@ class JobManager:
 
     async def _collect(self, job: LiveJob, handle: RequestEvents) -> JobEnded:
         first_index = {shard.shard_id: shard.first_index for shard in handle.shards}
+        # Count the shards taken off the queue, not ``handle.complete``: the backend marks a shard
+        # finished when its result arrives, which may be while an earlier one is still being stored
+        # here, and the job must not end with that result still in the queue.
+        to_store = len(handle.shards)
         while True:
             event = await handle.events.get()
             if isinstance(event, RequestFailed):
@@ -230,7 +234,8 @@ class JobManager:
                 job.state = RUNNING
             job.warnings.update(dict.fromkeys(event.warnings))
             job.publish(ShardStored(first, event.images, image_ids, event.warnings, job.images_done))
-            if handle.complete:
+            to_store -= 1
+            if to_store == 0:
                 return JobEnded(DONE) if job.state != CANCELLED else JobEnded(CANCELLED, CANCELLED_DETAIL)
 
     def _store_shard(self, job_id: str, first_index: int, event: ShardDone) -> tuple[tuple[str, ...], int]:

@@ -1,0 +1,46 @@
+"""The job manager against a scripted backend: what it stores and tells, whatever the timing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from gpu_workers.ledger import RequestLedger
+from gpu_workers.messages import ShardDone
+from service.image_store import ImageStore
+from service.job_db import DONE, JobDatabase, JobSpec
+from service.jobs import JobEnded, JobManager, ShardStored
+
+
+class ScriptedBackend:
+    """Takes requests into a real ledger; the test delivers results by hand."""
+
+    def __init__(self) -> None:
+        self.ledger = RequestLedger()
+
+    def submit(self, request, shards=None):
+        return self.ledger.add(request, shards)
+
+    def abandon(self, request_id: str) -> None:
+        self.ledger.abandon(request_id)
+
+
+async def test_results_that_arrive_together_are_all_stored_before_the_job_ends(tmp_path: Path) -> None:
+    backend = ScriptedBackend()
+    jobs = JobManager(JobDatabase(tmp_path / "jobs.sqlite3"), ImageStore(tmp_path / "images", 3600), backend)
+    spec = JobSpec(("a", "b", "c"), 1, 7, None, 0.0, "base64", shard_size=1)
+    job, listener = await jobs.create("job1", spec)
+    handle = backend.ledger.requests["job1"]
+    # All three results arrive at once (a result stream read 16 at a time): the ledger marks every
+    # shard finished before the job manager has stored the first one.
+    for shard in list(handle.shards):
+        backend.ledger.queue.pop()
+        backend.ledger.dispatched(shard)
+        backend.ledger.shard_done(ShardDone(0, "job1", shard.shard_id, (f"png {shard.shard_id}".encode(),), (), 0.1))
+    assert handle.complete
+    events = [await asyncio.wait_for(listener.get(), 10) for _ in range(4)]
+    assert [type(e) for e in events] == [ShardStored, ShardStored, ShardStored, JobEnded]
+    assert sorted(e.first_index for e in events[:3]) == [0, 1, 2]
+    assert events[3].state == DONE
+    record = await jobs.record("job1")
+    assert record.state == DONE and record.images_done == 3

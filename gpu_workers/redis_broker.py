@@ -100,13 +100,13 @@ class RedisBroker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None and self._connected:
+            try:
+                await asyncio.wait_for(self._redis.delete(self.results_key), timeout)
+            except (RedisError, OSError, TimeoutError):
+                pass
         for client in (self._redis, self._reader):
             if client is not None:
-                try:
-                    if self._connected:
-                        await asyncio.wait_for(client.delete(self.results_key), timeout)
-                except (RedisError, OSError, TimeoutError):
-                    pass
                 await client.aclose()
 
     # ----- what the service uses -------------------------------------------------------------

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from service.job_db import JobSpec
 from service.jobs import JobEnded, JobEvent, ShardStored
+from service.keys import SETTINGS
 
 HANGUP_CHECK_SECONDS = 0.5
 
@@ -57,6 +58,12 @@ def base_url(request: web.Request, public_url: str) -> str:
 
 def image_url(base: str, image_id: str) -> str:
     return f"{base}/images/{image_id}.png"
+
+
+def image_links(request: web.Request, image_ids: list[str]) -> list[bytes]:
+    """The links of a url-format answer, as the bytes ``write_images_body`` takes."""
+    base = base_url(request, request.app[SETTINGS].public_url)
+    return [image_url(base, image_id).encode() for image_id in image_ids]
 
 
 def success_fields(job_id: str, spec: JobSpec, warnings: list[str]) -> dict[str, object]:

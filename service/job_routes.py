@@ -20,7 +20,7 @@ from service.access_log import REQUEST_ID
 from service.admission import admit
 from service.errors import json_error
 from service.job_db import DONE, JobRecord
-from service.job_listening import base_url, image_url, success_fields
+from service.job_listening import image_links, success_fields
 from service.keys import JOBS, SETTINGS, STORE
 from service.streaming import write_images_body
 
@@ -94,11 +94,7 @@ async def get_job(request: web.Request) -> web.StreamResponse:
             410,
             f"Job {record.job_id} is done, but {missing} of its images were removed to keep the image folder within its disk budget.",
         )
-    if record.spec.as_url:
-        links = base_url(request, request.app[SETTINGS].public_url)
-        images: list[Any] = [image_url(links, ids[index]).encode() for index in range(record.images_total)]
-    else:
-        images = paths
+    images: list[Any] = image_links(request, [ids[index] for index in range(record.images_total)]) if record.spec.as_url else paths
     response = web.StreamResponse(status=200, headers={"X-Job-Id": record.job_id})
     response.content_type = "application/json"
     response.enable_chunked_encoding()

@@ -97,7 +97,6 @@ class JobManager:
         self._live: dict[str, LiveJob] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._stopping = False
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -120,27 +119,19 @@ class JobManager:
     async def stop(self) -> None:
         """Tell the listeners and stop following; the database keeps the jobs unfinished, so
         they resume on the next start."""
-        self._stopping = True
         for job in list(self._live.values()):
             job.publish(
                 JobEnded(
                     job.state,
                     f"The server is shutting down; job {job.job_id} resumes when it is back (GET /jobs/{job.job_id}).",
                     interrupted=True,
+                    status=503,
                 )
             )
             if job.task is not None:
                 job.task.cancel()
         tasks = [job.task for job in self._live.values() if job.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no job runs; True if that happened within ``timeout``."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
 
     # ----- what the routes use ---------------------------------------------------------------
 
@@ -152,9 +143,6 @@ class JobManager:
     @property
     def running_jobs(self) -> int:
         return len(self._live)
-
-    def live(self, job_id: str) -> LiveJob | None:
-        return self._live.get(job_id)
 
     async def create(self, job_id: str, spec: JobSpec) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
         """Record the job, then queue all its shards; the caller listens from the first event."""

@@ -16,7 +16,7 @@ from service.access_log import REQUEST_ID
 from service.admission import DRAINING_RETRY_AFTER, admit
 from service.errors import json_error
 from service.job_db import CANCELLED, DONE
-from service.job_listening import base_url, follow, image_url, success_fields
+from service.job_listening import follow, image_links, success_fields
 from service.jobs import JobEnded, JobEvent, LiveJob, ShardStored
 from service.keys import CUDA, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.ndjson import NDJSON_CONTENT_TYPE, stream_progress, wants_ndjson
@@ -175,8 +175,7 @@ async def _answer_with_heartbeats(
         return await _failure(heartbeat, job, ended, headers)
     shards = [stored[first] for first in sorted(stored)]
     if job.spec.as_url:
-        links = base_url(request, request.app[SETTINGS].public_url)
-        images = [image_url(links, image_id).encode() for shard in shards for image_id in shard.image_ids]
+        images = image_links(request, [image_id for shard in shards for image_id in shard.image_ids])
     else:
         images = [png for shard in shards for png in shard.pngs]
     response = await heartbeat.stream()
@@ -190,8 +189,6 @@ async def _failure(heartbeat: HeartbeatResponse, job: LiveJob, ended: JobEnded, 
     detail = ended.detail or f"The job ended {ended.state}."
     log.warning("job %s %s: %s", job.job_id, "interrupted" if ended.interrupted else ended.state, detail)
     if not heartbeat.started:
-        if ended.interrupted:
-            return json_error(503, detail, headers={**headers, "Retry-After": DRAINING_RETRY_AFTER}, job_id=job.job_id)
         status = 409 if ended.state == CANCELLED else ended.status
         extra = {"Retry-After": DRAINING_RETRY_AFTER} if status == 503 else {}
         return json_error(status, detail, headers={**headers, **extra}, job_id=job.job_id)

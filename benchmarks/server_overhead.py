@@ -148,10 +148,11 @@ class Bare:
 
     def run(self, prompts: Sequence[str], per_prompt: int, seed: int) -> list[bytes]:
         from gpu_workers.generation import generate_shard
-        from gpu_workers.sharding import GenerationRequest, split_into_shards
+        from contract.batch import BatchSpec
+        from gpu_workers.sharding import split_into_shards
 
-        request = GenerationRequest("bare", tuple(prompts), per_prompt, seed, None, 0.0)
-        return [png for task in split_into_shards(request, self.max_batch) for png in generate_shard(self.pipe, task)]
+        spec = BatchSpec(tuple(prompts), per_prompt, seed, None, 0.0, "base64", shard_size=self.max_batch)
+        return [png for task in split_into_shards("bare", spec) for png in generate_shard(self.pipe, task)]
 
     def worker_side(self, conn: Any, pngs: Sequence[bytes], prompts: Sequence[str], repeats: int) -> tuple[float, float]:
         """What a worker does per shard that the bare pipeline does not, timed (medians): sending

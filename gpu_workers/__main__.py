@@ -3,7 +3,8 @@
 One spawned process per device (``gpu_workers.remote_worker``), all pulling shards from the same
 Redis Streams group as the workers on every other box. This command is their supervisor on the
 box: it forwards SIGTERM/SIGINT to them and waits until each has finished its shard, restarts one
-that crashed (1 s backoff doubling to 30 s), and gives up with exit code 2 when a worker is refused
+that crashed or ended itself past the shard timeout (the backoff of ``shard_rules.RestartBackoff``,
+the local pool's too: 1 s doubling to 30 s), and gives up with exit code 2 when a worker is refused
 (it was started for another model or protocol than the API server's: restarting cannot help).
 
 Every flag also reads an ``SDXL_*`` environment variable, as ``python -m service`` does: ``--model``
@@ -21,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -36,6 +37,8 @@ from gpu_workers.redis_protocol import (
     Keys,
     redacted,
 )
+from gpu_workers.shard_rules import DEFAULT_SHARD_TIMEOUT, RestartBackoff
+from gpu_workers.worker_loop import EXIT_SHARD_TIMEOUT
 from gpu_workers.remote_worker import (
     EXIT_REFUSED,
     Refused,
@@ -48,10 +51,6 @@ from gpu_workers.remote_worker import (
 
 log = logging.getLogger("gpu_workers")
 
-FIRST_RESTART_DELAY = 1.0
-MAX_RESTART_DELAY = 30.0
-#: A worker that ran this long before it died gets the first, short backoff again: it was not a crash loop.
-HEALTHY_RUN_SECONDS = 60.0
 #: The values of --model that mean "whatever the API server serves" (``auto`` so that an
 #: SDXL_MODEL=auto shared with the service on the same box does the natural thing).
 FOLLOW_THE_SERVER = ("", "auto")
@@ -65,8 +64,12 @@ class LaunchSettings:
     model: str = setting("", "model preset or folder; empty (or auto) = the model the API server serves")
     model_cache: str = setting(str(Path.home() / ".cache" / "sdxl-lightning-server"), "folder where the tiny model is built")
     cpu_threads: int = setting(1, "torch threads per CPU worker (changes the bytes, so it must match the server's)")
+    shard_timeout: float = setting(
+        DEFAULT_SHARD_TIMEOUT, "seconds a shard may run on a device; past it the worker process ends itself and is restarted"
+    )
     visibility_timeout: float = setting(
-        DEFAULT_VISIBILITY_TIMEOUT, "seconds a shard may be held without a result before another worker takes it over"
+        DEFAULT_VISIBILITY_TIMEOUT,
+        "seconds a shard whose worker died (its heartbeat stopped) waits before another worker takes it over",
     )
     broker_prefix: str = setting(DEFAULT_PREFIX, "prefix of every Redis key: the same as the API server's --broker-prefix")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -95,6 +98,8 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
             problems.append(f"{flag(name)} must be at least 1")
     if settings.visibility_timeout <= 0:
         problems.append("--visibility-timeout must be positive")
+    if settings.shard_timeout <= 0:
+        problems.append("--shard-timeout must be positive")
     if problems:
         parser.error("; ".join(problems))
     return settings
@@ -106,9 +111,8 @@ class _Slot:
 
     config: WorkerConfig
     process: BaseProcess | None = None
-    started_at: float = 0.0
     restart_at: float | None = 0.0
-    delay: float = FIRST_RESTART_DELAY
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
 
 
 class Launcher:
@@ -118,7 +122,7 @@ class Launcher:
         self.settings = settings
         self.context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self.slots = [
-            _Slot(WorkerConfig(index, device, model, settings.model_cache, settings.cpu_threads))
+            _Slot(WorkerConfig(index, device, model, settings.model_cache, settings.cpu_threads, settings.shard_timeout))
             for index, device in enumerate(devices)
         ]
         self.stopping = False
@@ -147,7 +151,8 @@ class Launcher:
             name=f"gpu-worker-{slot.config.device}",
         )
         process.start()
-        slot.process, slot.started_at, slot.restart_at = process, time.monotonic(), None
+        slot.process, slot.restart_at = process, None
+        slot.backoff.started()
         log.info("started worker pid %s on %s (model %s)", process.pid, slot.config.device, slot.config.model)
         if self.stopping:  # a signal came while it started
             self._signal_children()
@@ -174,11 +179,11 @@ class Launcher:
             log.warning("worker pid %s on %s %s while stopping", process.pid, device, how)
             self.failed = True
             return
-        if time.monotonic() - slot.started_at > HEALTHY_RUN_SECONDS:
-            slot.delay = FIRST_RESTART_DELAY
-        log.error("worker pid %s on %s %s; restarting it in %.0f s", process.pid, device, how, slot.delay)
-        slot.restart_at = time.monotonic() + slot.delay
-        slot.delay = min(MAX_RESTART_DELAY, slot.delay * 2)
+        if code == EXIT_SHARD_TIMEOUT:
+            how += " (a shard ran past the shard timeout)"
+        delay = slot.backoff.next_delay()
+        log.error("worker pid %s on %s %s; restarting it in %.0f s", process.pid, device, how, delay)
+        slot.restart_at = time.monotonic() + delay
 
     def run(self) -> int:
         """Until every worker is gone: 0 when all stopped cleanly, 2 when one was refused, 1 otherwise."""

@@ -1,13 +1,14 @@
-"""The one seam between the service and whatever runs the shards.
+"""The one seam between the service and the engine.
 
 Everything in ``service/`` talks to the workers through this interface and nothing else, so the
-local process pool (``gpu_workers.pool.WorkerPool``, the default) and a broker for workers on
-other boxes (Redis Streams, to come) are interchangeable: routes, jobs, heartbeats and admission
-never know which one runs. ``tests/test_units.py`` checks that ``WorkerPool`` satisfies it.
+transport (local worker processes, or Redis Streams for workers on other boxes) is invisible to
+routes, jobs, heartbeats and admission. ``gpu_workers.scheduler.Scheduler`` implements it for both
+transports (``tests/test_units.py`` checks it); the service's in-process tests use a fake.
 
 A request's events arrive on its handle's ``events`` queue: ``ShardDone`` per finished shard (each
-shard at most once, whatever the transport delivered), or one ``RequestFailed``; after
-``abandon``, the shards already running still report, then ``Drained`` ends the stream.
+shard at most once, whatever the transport delivered), or one ``RequestFailed`` carrying a
+``FailureReason`` (the service, not the engine, picks the HTTP status); after ``abandon``, the
+shards already running still report, then ``Drained`` ends the stream.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, runtime_checkable
 
-from gpu_workers.ledger import Drained, RequestFailed
+from contract.failures import FailureReason, RequestFailed
+from gpu_workers.ledger import Drained
 from gpu_workers.messages import ShardDone, ShardTask
-from gpu_workers.pool import PoolConfig, WorkerStatus
-from gpu_workers.sharding import GenerationRequest
+from gpu_workers.scheduler import EngineConfig, WorkerStatus
 
 
 class RequestEvents(Protocol):
@@ -26,15 +27,14 @@ class RequestEvents(Protocol):
     shards: list[ShardTask]
     events: asyncio.Queue[ShardDone | RequestFailed | Drained]
 
-    @property
-    def complete(self) -> bool: ...
-
 
 @runtime_checkable
 class ShardBackend(Protocol):
-    config: PoolConfig
-    # Why no worker can take shards now, beyond the workers' own errors (Redis unreachable); None when fine.
-    problem: str | None
+    config: EngineConfig
+
+    @property
+    def problem(self) -> str | None:
+        """Why no worker can take shards now, beyond the workers' own errors (Redis unreachable)."""
 
     async def start(self) -> None:
         """Begin taking shards; returns at once (workers report ready as they come up)."""
@@ -42,14 +42,14 @@ class ShardBackend(Protocol):
     async def stop(self, timeout: float = 10.0) -> None:
         """Fail what is still waiting and release every worker."""
 
-    def submit(self, request: GenerationRequest, shards: list[ShardTask] | None = None) -> RequestEvents:
-        """Queue a request's shards (all of them, or the given unfinished ones of a resumed job)."""
+    def submit(self, request_id: str, shards: list[ShardTask]) -> RequestEvents:
+        """Queue a request's shards (all of them, or the unfinished ones of a resumed job)."""
 
     def abandon(self, request_id: str) -> None:
         """Queued shards never run; running ones finish and report, then ``Drained``."""
 
-    def fail_all(self, detail: str, status: int = 500) -> None:
-        """End every request with ``RequestFailed(detail, status)``."""
+    def fail_all(self, detail: str, reason: FailureReason) -> None:
+        """End every request with ``RequestFailed(detail, reason)``."""
 
     def snapshot(self) -> list[WorkerStatus]:
         """One row per worker, for /health."""

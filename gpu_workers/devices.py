@@ -1,29 +1,14 @@
-"""Which devices get a worker, and what the API process may say about CUDA without touching it.
+"""Which devices get a worker on this box.
 
-The API process never creates a CUDA context (that is the workers' job, after spawn); it only
-counts devices and reads their names.
+Only a box with local workers asks, so torch is imported here lazily: an API process whose workers
+are on other boxes (``--broker``) never loads it. No CUDA context is created either (that is the
+workers' job, after spawn): devices are only counted. Their names come from the workers themselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
 REAL_MODEL = "sdxl-lightning-8step"
 CPU_MODEL = "tiny"
-
-
-@dataclass(frozen=True)
-class CudaInfo:
-    available: bool
-    device_name: str | None
-
-
-def cuda_info() -> CudaInfo:
-    if not torch.cuda.is_available():
-        return CudaInfo(False, None)
-    return CudaInfo(True, torch.cuda.get_device_name(0))
 
 
 def _normalise(device: str) -> str:
@@ -37,6 +22,8 @@ def _normalise(device: str) -> str:
 
 def resolve_devices(devices: str, cpu_workers: int) -> tuple[str, ...]:
     """``auto``: one worker per CUDA device, or ``cpu_workers`` CPU workers without CUDA."""
+    import torch
+
     if devices.strip() and devices.strip() != "auto":
         resolved = tuple(_normalise(d) for d in devices.split(",") if d.strip())
         for device in resolved:

@@ -1,4 +1,5 @@
-"""Running one shard through a loaded pipeline and encoding its images as PNG, inside the worker."""
+"""Running one shard through a loaded pipeline (the device's part), and encoding its images as PNG
+(the host's part, which the worker loop runs beside the next shard: ``gpu_workers.worker_loop``)."""
 
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def truncation_warnings(pipe: Any, prompts: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(warnings)
 
 
-def generate_shard(pipe: Any, task: ShardTask) -> list[bytes]:
-    """Generate the shard's images as one batch and return them as PNG bytes, in order.
+def generate_images(pipe: Any, task: ShardTask) -> list[Any]:
+    """Generate the shard's images as one batch: PIL images, in order.
 
     The negative prompt only has an effect with classifier-free guidance (guidance_scale > 1);
     SDXL-Lightning runs at 0, where diffusers ignores it, so it is passed only when it counts.
@@ -71,7 +72,13 @@ def generate_shard(pipe: Any, task: ShardTask) -> list[bytes]:
     images = output.images
     if len(images) != task.size:
         raise RuntimeError(f"pipeline returned {len(images)} images for a shard of {task.size}")
-    return [encode_png(image) for image in images]
+    return list(images)
+
+
+def generate_shard(pipe: Any, task: ShardTask) -> list[bytes]:
+    """The shard's images as PNG bytes, device and encoding in one call (the bare baseline of
+    ``benchmarks/server_overhead.py`` and the tests' reference bytes)."""
+    return [encode_png(image) for image in generate_images(pipe, task)]
 
 
 def _slice(task: ShardTask, start: int, stop: int) -> ShardTask:
@@ -98,8 +105,8 @@ class BatchLimit:
             self.images = images
 
 
-def generate_fitting(pipe: Any, task: ShardTask, limit: BatchLimit) -> list[bytes]:
-    """``generate_shard``, but on CUDA out of memory free the cache, split the shard in halves and
+def generate_fitting(pipe: Any, task: ShardTask, limit: BatchLimit) -> list[Any]:
+    """``generate_images``, but on CUDA out of memory free the cache, split the shard in halves and
     retry, down to one image; a single image that does not fit raises the OOM error.
 
     Splitting changes the batch composition, so the bytes may differ from an unsplit run by 1/255
@@ -107,9 +114,9 @@ def generate_fitting(pipe: Any, task: ShardTask, limit: BatchLimit) -> list[byte
     """
     if limit.images is not None and task.size > limit.images:
         step = limit.images
-        return [png for start in range(0, task.size, step) for png in generate_fitting(pipe, _slice(task, start, start + step), limit)]
+        return [image for start in range(0, task.size, step) for image in generate_fitting(pipe, _slice(task, start, start + step), limit)]
     try:
-        return generate_shard(pipe, task)
+        return generate_images(pipe, task)
     except torch.cuda.OutOfMemoryError:
         _free_cuda_cache()
         if task.size == 1:

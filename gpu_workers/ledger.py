@@ -1,9 +1,8 @@
-"""The requests a backend carries and the rules for their results, whatever moves the shards.
+"""The requests the engine carries and the rules for their results, whatever moves the shards.
 
-Both the local process pool and the Redis broker keep their queued shards in the fair queue, hand
-each request's events to its handle, use each shard's result once (a shard that ran twice after a
-takeover reports twice), fail a request once, and end an abandoned request with ``Drained`` when
-its last running shard has reported. Only how shards travel and how workers are watched differ.
+Each request's events go to its handle; each shard's result is used once (a shard that ran twice
+after a takeover reports twice); a request fails once; an abandoned request ends with ``Drained``
+when its last running shard has reported. The scheduler (``gpu_workers.scheduler``) owns one.
 """
 
 from __future__ import annotations
@@ -12,20 +11,11 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from contract.failures import FailureReason, RequestFailed
 from gpu_workers.messages import ShardDone, ShardTask
 from gpu_workers.shard_queue import ShardQueue
-from gpu_workers.sharding import GenerationRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RequestFailed:
-    """The request cannot complete; ``detail`` is the readable cause for the client, ``status``
-    the HTTP status it deserves while the status line is still unsent (503: try again later)."""
-
-    detail: str
-    status: int = 500
 
 
 @dataclass(frozen=True)
@@ -37,17 +27,13 @@ class RequestHandle:
     """The event stream of one request: ``ShardDone`` per finished shard, or one ``RequestFailed``;
     after ``abandon``, the shards that were already running still report, then ``Drained``."""
 
-    def __init__(self, request: GenerationRequest, shards: list[ShardTask]) -> None:
-        self.request = request
+    def __init__(self, request_id: str, shards: list[ShardTask]) -> None:
+        self.request_id = request_id
         self.shards = shards
         self.events: asyncio.Queue[ShardDone | RequestFailed | Drained] = asyncio.Queue()
         self.finished: set[int] = set()
         self.in_flight: set[int] = set()
         self.abandoned = False
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
 
     @property
     def complete(self) -> bool:
@@ -60,9 +46,9 @@ class RequestLedger:
         self.requests: dict[str, RequestHandle] = {}
         self._seconds_per_image: float | None = None
 
-    def add(self, request: GenerationRequest, shards: list[ShardTask]) -> RequestHandle:
-        handle = RequestHandle(request, shards)
-        self.requests[request.request_id] = handle
+    def add(self, request_id: str, shards: list[ShardTask]) -> RequestHandle:
+        handle = RequestHandle(request_id, shards)
+        self.requests[request_id] = handle
         self.queue.add(shards)
         return handle
 
@@ -77,15 +63,15 @@ class RequestLedger:
         log.info("request %s abandoned: %d queued image(s) dropped, %d shard(s) still running", request_id, dropped, len(handle.in_flight))
         self.end_if_drained(handle)
 
-    def fail_all(self, detail: str, status: int = 500) -> None:
+    def fail_all(self, detail: str, reason: FailureReason) -> None:
         for handle in list(self.requests.values()):
             if not handle.abandoned:
-                self.fail(handle, detail, status)
+                self.fail(handle, detail, reason)
 
-    def fail(self, handle: RequestHandle, detail: str, status: int = 500) -> None:
+    def fail(self, handle: RequestHandle, detail: str, reason: FailureReason) -> None:
         self.requests.pop(handle.request_id, None)
         self.queue.drop(handle.request_id)
-        handle.events.put_nowait(RequestFailed(detail, status))
+        handle.events.put_nowait(RequestFailed(detail, reason))
 
     def end_if_drained(self, handle: RequestHandle) -> None:
         if handle.abandoned and not handle.in_flight and self.requests.pop(handle.request_id, None) is not None:
@@ -109,7 +95,7 @@ class RequestLedger:
         self.end_if_drained(handle)
         return True
 
-    def shard_failed(self, request_id: str, shard_id: int, error: str) -> None:
+    def shard_failed(self, request_id: str, shard_id: int, error: str, reason: FailureReason) -> None:
         handle = self.requests.get(request_id)
         if handle is None:
             return
@@ -117,7 +103,7 @@ class RequestLedger:
         if handle.abandoned:
             self.end_if_drained(handle)
         else:
-            self.fail(handle, error)
+            self.fail(handle, error, reason)
 
     def shard_lost(self, shard: ShardTask) -> RequestHandle | None:
         """A shard's worker went away: the request to give it back to, or None when nobody needs it."""

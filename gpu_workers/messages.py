@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGE_WIDTH = 1024
-IMAGE_HEIGHT = 576
-DEFAULT_STEPS = 8  # what the 8-step Lightning UNet was distilled for
+from contract.batch import DEFAULT_STEPS, IMAGE_HEIGHT, IMAGE_WIDTH
+from contract.failures import FailureReason
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,8 @@ class WorkerConfig:
     model: str
     model_cache: str
     cpu_threads: int
+    # Seconds a shard may run on the device before the worker gives up on itself (0: no limit).
+    shard_timeout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class WorkerReady:
     device: str
     model: str
     load_seconds: float
+    # What /health calls the device ("NVIDIA H100 80GB HBM3", "cpu"): the API process never
+    # imports torch to learn it.
+    device_name: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -103,12 +107,14 @@ class ShardDone:
 
 @dataclass(frozen=True)
 class ShardFailed:
-    """A shard failed inside a living worker; ``error`` is readable text for the client."""
+    """A shard failed inside a living worker; ``error`` is readable text for the client and
+    ``reason`` a ``contract.failures.FailureReason`` value."""
 
     worker_id: int
     request_id: str
     shard_id: int
     error: str
+    reason: str = FailureReason.GENERATION.value
 
 
 WorkerMessage = WorkerReady | WorkerStartFailed | ShardStarted | ShardDone | ShardFailed

@@ -1,10 +1,16 @@
-"""The local worker pool: spawned processes, one per device, fed shards by the event loop.
+"""Local worker processes: the transport of the scheduler when the workers are on this box.
 
-Threading model: everything here runs on the event loop except ``_Receiver``, one thread that
-blocks in ``multiprocessing.connection.wait`` on every worker's result pipe and process sentinel,
-unpickles what arrives (off the loop) and hands it over with ``call_soon_threadsafe``. Each worker
-has its own task queue and its own result pipe, so a worker killed in the middle of a write can
-never leave a lock held that the other workers need.
+One spawned process per device, each fed shards through its own queue. Everything here runs on the
+event loop except ``_Receiver``, one thread that blocks in ``multiprocessing.connection.wait`` on
+every worker's result pipe and process sentinel, unpickles what arrives (off the loop) and hands it
+over with ``call_soon_threadsafe``. Each worker has its own task queue and its own result pipe, so
+a worker killed in the middle of a write can never leave a lock held that the others need.
+
+What is the scheduler's (``gpu_workers.scheduler``) is not here: which shard goes next, retries,
+failing a request. This module only starts, watches, restarts and kills processes, and enforces
+the shard timeout from outside: a worker whose shard runs past ``--shard-timeout`` gives up on
+itself (its own watchdog, ``gpu_workers.worker_loop``); should it be too stuck even for that, it is
+killed a few seconds later from here.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpu_workers.ledger import RequestHandle, RequestLedger
+from contract.failures import FailureReason
+from contract.states import WorkerState
 from gpu_workers.messages import (
     ShardDone,
     ShardFailed,
@@ -31,106 +38,70 @@ from gpu_workers.messages import (
     WorkerReady,
     WorkerStartFailed,
 )
-from gpu_workers.sharding import GenerationRequest, split_into_shards
-from gpu_workers.worker import worker_main
+from gpu_workers.scheduler import EngineConfig, Scheduler, TransportEvents, WorkerStatus
+from gpu_workers.shard_rules import SHARDS_PER_WORKER, DeviceTracker, RestartBackoff
+from gpu_workers.worker import EXIT_SHARD_TIMEOUT, worker_main
 
 log = logging.getLogger(__name__)
 
-# Shards handed to one worker at a time: one running and one waiting in its queue, so the
-# worker never idles between shards while the event loop catches up.
-SHARDS_PER_WORKER = 2
-# A shard that has been in flight on this many workers when they died fails its request.
-MAX_SHARD_KILLS = 2
-MAX_RESTART_DELAY = 30.0
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    devices: tuple[str, ...]
-    model: str
-    model_cache: str
-    cpu_threads: int = 1
-    max_batch: int = 4
-    restart_delay: float = 1.0
-    # A worker that has been up this long before it died restarts without backoff.
-    stable_seconds: float = 60.0
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """One row of ``/health``."""
-
-    worker_id: int
-    pid: int | None
-    device: str
-    model: str
-    state: str
-    images_done: int
-    shards_in_flight: int
-    restarts: int
-    error: str | None
+# How long after the shard timeout a worker whose own watchdog did not end it is killed.
+KILL_GRACE_SECONDS = 5.0
 
 
 @dataclass
 class _Slot:
-    """The pool's view of one worker position (a device); survives the worker's restarts."""
+    """One worker position (a device); survives the worker's restarts."""
 
     worker_id: int
     device: str
+    backoff: RestartBackoff
     process: Any = None
     tasks: Any = None
     results: Any = None
-    state: str = "starting"
+    state: WorkerState = WorkerState.STARTING
     pid: int | None = None
+    device_name: str | None = None
     images_done: int = 0
     restarts: int = 0
-    crash_streak: int = 0
-    started_at: float = 0.0
     error: str | None = None
     in_flight: dict[tuple[str, int], ShardTask] = field(default_factory=dict)
     running: tuple[str, int] | None = None
-
-    @property
-    def takes_shards(self) -> bool:
-        return self.state in ("ready", "busy")
+    overdue: bool = False
+    deadline: asyncio.TimerHandle | None = None
 
 
-class WorkerPool:
-    def __init__(self, config: PoolConfig) -> None:
+class LocalProcesses:
+    """The local transport: one spawned worker process per device."""
+
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self._ctx = multiprocessing.get_context("spawn")
-        self._slots = [_Slot(worker_id=i, device=device) for i, device in enumerate(config.devices)]
         self.problem: str | None = None  # local processes have no transport to lose
-        self._ledger = RequestLedger()
-        self._queue = self._ledger.queue
-        self._kills: dict[tuple[str, int], int] = {}
+        self._ctx = multiprocessing.get_context("spawn")
+        self._slots = [
+            _Slot(worker_id=i, device=device, backoff=RestartBackoff(first=config.restart_delay))
+            for i, device in enumerate(config.devices)
+        ]
+        self._devices = DeviceTracker()
+        self._events: TransportEvents | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._receiver: _Receiver | None = None
-        self._ready = asyncio.Event()
         self._stopping = False
 
     # ----- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, events: TransportEvents) -> None:
         """Spawn every worker; returns at once, workers report ready as they finish loading."""
+        self._events = events
         self._loop = asyncio.get_running_loop()
         self._receiver = _Receiver(self._loop, self._on_message, self._on_exit)
         self._receiver.start()
         for slot in self._slots:
             self._spawn(slot)
 
-    async def wait_ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, timeout: float) -> None:
         """Sentinels to workers, join with a timeout, then kill what is left (workers ignore
         SIGTERM on purpose, so a group-wide TERM cannot cut the drain short)."""
         self._stopping = True
-        self.fail_all("The server is shutting down; the request did not finish.")
         for slot in self._slots:
             if slot.process is not None and slot.process.is_alive():
                 slot.tasks.put(StopWorker())
@@ -146,50 +117,28 @@ class WorkerPool:
             self._receiver.stop()
             await asyncio.to_thread(self._receiver.join, 2.0)
 
-    # ----- what the service uses -------------------------------------------------------------
+    # ----- the transport ---------------------------------------------------------------------
 
-    @property
-    def ready_workers(self) -> int:
-        return sum(slot.takes_shards for slot in self._slots)
+    def has_room(self) -> bool:
+        return any(self._has_room(slot) for slot in self._slots)
 
-    @property
-    def queued_images(self) -> int:
-        """Images waiting for a worker."""
-        return self._queue.images
+    def send(self, shard: ShardTask) -> None:
+        """To the least loaded worker that has room."""
+        slot = min(
+            (s for s in self._slots if self._has_room(s)),
+            key=lambda s: (sum(t.size for t in s.in_flight.values()), s.worker_id),
+        )
+        slot.in_flight[(shard.request_id, shard.shard_id)] = shard
+        slot.state = WorkerState.BUSY
+        slot.tasks.put(shard)
 
-    @property
-    def pending_images(self) -> int:
-        """Images accepted and not finished yet: what admission control bounds."""
-        in_flight = sum(shard.size for slot in self._slots for shard in slot.in_flight.values())
-        return self._queue.images + in_flight
-
-    def estimated_wait(self, images: int) -> float:
-        """Seconds until ``images`` more would be done at the throughput seen so far."""
-        return self._ledger.estimated_wait(images, self.ready_workers)
-
-    def fail_all(self, detail: str, status: int = 500) -> None:
-        self._ledger.fail_all(detail, status)
-
-    def submit(self, request: GenerationRequest, shards: list[ShardTask] | None = None) -> RequestHandle:
-        """Queue a request's shards: all of them, or only ``shards`` (a resumed job's unfinished
-        ones, cut with the shard size the job was accepted with)."""
-        if shards is None:
-            shards = split_into_shards(request, self.config.max_batch)
-        handle = self._ledger.add(request, shards)
-        self._dispatch()
-        return handle
-
-    def abandon(self, request_id: str) -> None:
-        """Nobody waits for this request any more: its queued shards never run; the ones already
-        running finish and still report (their images are kept), then ``Drained`` ends it."""
-        self._ledger.abandon(request_id)
-
-    def snapshot(self) -> list[WorkerStatus]:
+    def workers(self) -> list[WorkerStatus]:
         return [
             WorkerStatus(
                 worker_id=slot.worker_id,
                 pid=slot.pid,
                 device=slot.device,
+                device_name=slot.device_name,
                 model=self.config.model,
                 state=slot.state,
                 images_done=slot.images_done,
@@ -202,6 +151,9 @@ class WorkerPool:
 
     # ----- internals -------------------------------------------------------------------------
 
+    def _has_room(self, slot: _Slot) -> bool:
+        return slot.state.takes_shards and self._devices.on_device(slot.in_flight) < SHARDS_PER_WORKER
+
     def _spawn(self, slot: _Slot) -> None:
         config = WorkerConfig(
             worker_id=slot.worker_id,
@@ -209,6 +161,7 @@ class WorkerPool:
             model=self.config.model,
             model_cache=self.config.model_cache,
             cpu_threads=self.config.cpu_threads,
+            shard_timeout=self.config.shard_timeout,
         )
         receive_end, send_end = self._ctx.Pipe(duplex=False)
         slot.tasks = self._ctx.Queue()
@@ -219,25 +172,12 @@ class WorkerPool:
         slot.process.start()
         send_end.close()  # the child holds the only writer: EOF on our end means it is gone
         slot.pid = slot.process.pid
-        slot.state = "starting"
-        slot.started_at = time.monotonic()
+        slot.state = WorkerState.STARTING
+        slot.overdue = False
+        slot.backoff.started()
         assert self._receiver is not None
         self._receiver.watch(slot.worker_id, slot.results, slot.process)
         log.info("worker %d starting on %s (pid %d)", slot.worker_id, slot.device, slot.pid)
-
-    def _dispatch(self) -> None:
-        """Hand queued shards to the least loaded workers that have room."""
-        while len(self._queue):
-            candidates = [s for s in self._slots if s.takes_shards and len(s.in_flight) < SHARDS_PER_WORKER]
-            if not candidates:
-                return
-            slot = min(candidates, key=lambda s: (sum(t.size for t in s.in_flight.values()), s.worker_id))
-            shard = self._queue.pop()
-            assert shard is not None
-            slot.in_flight[(shard.request_id, shard.shard_id)] = shard
-            self._ledger.dispatched(shard)
-            slot.state = "busy"
-            slot.tasks.put(shard)
 
     def _on_message(self, message: WorkerMessage) -> None:
         try:
@@ -246,79 +186,93 @@ class WorkerPool:
             log.exception("error while handling %r", type(message).__name__)
 
     def _handle(self, message: WorkerMessage) -> None:
+        assert self._events is not None
         slot = self._slots[message.worker_id]
         if isinstance(message, WorkerReady):
-            slot.state, slot.pid, slot.error = "ready", message.pid, None
+            slot.state, slot.pid, slot.error, slot.device_name = WorkerState.READY, message.pid, None, message.device_name
             log.info("worker %d ready on %s after %.1f s", slot.worker_id, slot.device, message.load_seconds)
-            self._ready.set()
+            self._events.room_changed()
         elif isinstance(message, WorkerStartFailed):
-            slot.state, slot.error = "failed", message.error
+            slot.state, slot.error = WorkerState.FAILED, message.error
             log.error("worker %d could not start: %s", slot.worker_id, message.error)
-            if all(s.state == "failed" for s in self._slots):
-                self.fail_all(f"No worker could load the model: {message.error}")
+            if all(s.state is WorkerState.FAILED for s in self._slots):
+                self._events.no_worker_can_load(message.error)
         elif isinstance(message, ShardStarted):
-            slot.running = (message.request_id, message.shard_id)
-        elif isinstance(message, ShardDone):
+            self._running(slot, (message.request_id, message.shard_id))
+            self._devices.started(slot.worker_id, (message.request_id, message.shard_id))
+            self._events.room_changed()
+        elif isinstance(message, (ShardDone, ShardFailed)):
             key = (message.request_id, message.shard_id)
-            if slot.in_flight.pop(key, None) is not None:
+            self._devices.ended(key)
+            if slot.in_flight.pop(key, None) is not None and isinstance(message, ShardDone):
                 slot.images_done += len(message.images)
-                slot.crash_streak = 0
-            self._kills.pop(key, None)
-            self._ledger.shard_done(message)
-        elif isinstance(message, ShardFailed):
-            slot.in_flight.pop((message.request_id, message.shard_id), None)
-            self._ledger.shard_failed(message.request_id, message.shard_id, message.error)
-        if isinstance(message, (ShardDone, ShardFailed)) and slot.running == (message.request_id, message.shard_id):
-            slot.running = None
-        if slot.state == "busy" and not slot.in_flight:
-            slot.state = "ready"
-        self._dispatch()
+            if slot.running == key:
+                self._running(slot, None)
+            if slot.state is WorkerState.BUSY and not slot.in_flight:
+                slot.state = WorkerState.READY
+            if isinstance(message, ShardDone):
+                self._events.shard_done(message)
+            else:
+                self._events.shard_failed(message)
+
+    def _running(self, slot: _Slot, key: tuple[str, int] | None) -> None:
+        """Track the shard on the device, with a kill deadline when there is a shard timeout."""
+        if slot.deadline is not None:
+            slot.deadline.cancel()
+            slot.deadline = None
+        slot.running = key
+        if key is not None and self.config.shard_timeout > 0:
+            assert self._loop is not None
+            slot.deadline = self._loop.call_later(self.config.shard_timeout + KILL_GRACE_SECONDS, self._overdue, slot, key)
+
+    def _overdue(self, slot: _Slot, key: tuple[str, int]) -> None:
+        """The worker's own watchdog did not end a shard past its timeout: kill the process."""
+        if slot.running != key or slot.process is None or not slot.process.is_alive():
+            return
+        log.error("worker %d (pid %s) is stuck in shard %s/%d past the shard timeout; killing it", slot.worker_id, slot.pid, *key)
+        slot.overdue = True
+        slot.state = WorkerState.STALLED
+        slot.process.kill()
 
     def _on_exit(self, worker_id: int, exitcode: int | None) -> None:
-        """A worker process ended: hand its shards back, fail poison shards, restart it."""
+        """A worker process ended: hand its shards back to the scheduler and restart it."""
+        assert self._events is not None and self._loop is not None
         slot = self._slots[worker_id]
         lost = list(slot.in_flight.values())
-        culprit, slot.running = slot.running, None
+        culprit = slot.in_flight.get(slot.running) if slot.running is not None else None
+        self._running(slot, None)
+        for key in slot.in_flight:
+            self._devices.ended(key)
         slot.in_flight.clear()
-        if slot.state != "failed":
-            slot.state = "dead"
+        timed_out = slot.overdue or exitcode == EXIT_SHARD_TIMEOUT
+        if slot.state is not WorkerState.FAILED:
+            slot.state = WorkerState.DEAD
         if self._stopping:
             return
-        log.error("worker %d (pid %s) died with exit code %s; %d shard(s) handed back", worker_id, slot.pid, exitcode, len(lost))
-        for shard in reversed(lost):
-            key = (shard.request_id, shard.shard_id)
-            handle = self._ledger.shard_lost(shard)
-            if handle is None:
-                continue
-            if key != culprit:
-                self._queue.put_front(shard)  # it was only waiting in the dead worker's queue
-                continue
-            self._kills[key] = self._kills.get(key, 0) + 1
-            if self._kills[key] >= MAX_SHARD_KILLS:
-                self._kills.pop(key, None)
-                self._ledger.fail(
-                    handle,
-                    f"Image generation failed: images {shard.first_index}-{shard.first_index + shard.size - 1} "
-                    f"crashed {MAX_SHARD_KILLS} workers (last exit code {exitcode}); the rest of the server is unaffected.",
-                )
-            else:
-                self._queue.put_front(shard)
-        if slot.state == "failed":
-            self._dispatch()
+        if timed_out:
+            cause = f"the shard ran past the shard timeout of {self.config.shard_timeout:g} s"
+            reason = FailureReason.SHARD_TIMEOUT
+        else:
+            cause = f"last exit code {exitcode}"
+            reason = FailureReason.WORKER_CRASHES
+        slot.error = f"replaced: {cause}" if slot.state is WorkerState.DEAD else slot.error
+        log.error("worker %d (pid %s) ended (%s); %d shard(s) handed back", worker_id, slot.pid, cause, len(lost))
+        self._events.shards_lost(lost, culprit, reason, cause)
+        if slot.state is WorkerState.FAILED:
             return  # a start failure needs a fix, not a restart loop; /health shows the cause
-        if time.monotonic() - slot.started_at > self.config.stable_seconds:
-            slot.crash_streak = 0
-        delay = min(MAX_RESTART_DELAY, self.config.restart_delay * 2**slot.crash_streak)
-        slot.crash_streak += 1
+        delay = slot.backoff.next_delay()
         slot.restarts += 1
         log.info("worker %d restarts in %.1f s", worker_id, delay)
-        assert self._loop is not None
         self._loop.call_later(delay, self._restart, slot)
-        self._dispatch()
 
     def _restart(self, slot: _Slot) -> None:
-        if not self._stopping and slot.state == "dead":
+        if not self._stopping and slot.state is WorkerState.DEAD:
             self._spawn(slot)
+
+
+def local_workers(config: EngineConfig) -> Scheduler:
+    """The engine with workers on this box."""
+    return Scheduler(config, LocalProcesses(config))
 
 
 class _Receiver(threading.Thread):

@@ -1,13 +1,12 @@
-"""Shards for workers on other boxes, through Redis Streams (``--broker redis://...``).
+"""Redis Streams: the transport of the scheduler when the workers are on other boxes (``--broker``).
 
-The same seam as the local pool (``gpu_workers.backend.ShardBackend``): the service submits
-requests and reads their events and never knows which one runs. What differs is only how shards
-travel (``gpu_workers.redis_protocol``): the broker keeps the fair queue here and puts shards on
-the shared stream only as fast as the live workers can take them (two per worker, as locally), so a
-small request is never stuck behind a 150-image batch already in Redis, and a cancelled request's
-queued shards never leave this process. Workers pull, take over each other's shards after the
-visibility timeout (``XAUTOCLAIM``), and acknowledge a shard only after its result is on our
-result stream; a result that arrives twice is used once (``RequestLedger``).
+The scheduler (``gpu_workers.scheduler``) is the same as with local workers: it keeps the fair
+queue in this process and hands a shard to this transport only while the live workers have room
+(``SHARDS_PER_WORKER`` each, as locally), so a small request is never stuck behind a 150-image
+batch already in Redis, and a cancelled request's queued shards never leave this process. How
+shards travel is ``gpu_workers.redis_protocol``: workers pull, take over the shards of a dead
+holder after the visibility timeout (``XAUTOCLAIM``), and acknowledge a shard only after its result
+is on our result stream; a result that arrives twice is used once (the scheduler's ledger).
 
 Three tasks run on the event loop: the watcher (heartbeat keys of every worker, once a second; it
 also notices Redis going away and coming back), the result reader (a blocking ``XREAD`` on this
@@ -30,10 +29,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from contract.states import WorkerState
 from gpu_workers import wire
-from gpu_workers.ledger import RequestHandle, RequestLedger
 from gpu_workers.messages import ShardDone, ShardFailed, ShardStarted, ShardTask
-from gpu_workers.pool import SHARDS_PER_WORKER, PoolConfig, WorkerStatus
+from gpu_workers.scheduler import EngineConfig, Scheduler, TransportEvents, WorkerStatus
+from gpu_workers.shard_rules import SHARDS_PER_WORKER, DeviceTracker
 from gpu_workers.redis_protocol import (
     GROUP,
     HEARTBEAT_SECONDS,
@@ -46,26 +46,25 @@ from gpu_workers.redis_protocol import (
     config_json,
     redacted,
 )
-from gpu_workers.sharding import GenerationRequest, split_into_shards
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000
 RESULT_STREAM_MAXLEN = 10_000
 MAX_RECONNECT_DELAY = 10.0
-TAKING_STATES = ("ready", "busy")
 
 
-class RedisBroker:
-    def __init__(self, config: PoolConfig, url: str, prefix: str = "sdxl") -> None:
+class RedisTransport:
+    def __init__(self, config: EngineConfig, url: str, prefix: str = "sdxl") -> None:
         self.config = config
         self.url = url
         self.keys = Keys(prefix)
         self.api_id = secrets.token_hex(8)
         self.results_key = self.keys.results(self.api_id)
-        self._ledger = RequestLedger()
-        self._queue = self._ledger.queue
+        self._events: TransportEvents | None = None
+        self._outgoing: list[ShardTask] = []
         self._sent: dict[tuple[str, int], ShardTask] = {}
+        self._devices = DeviceTracker()
         self._workers: list[WorkerHeartbeat] = []
         self._connected = False
         self.problem: str | None = f"connecting to Redis at {redacted(url)}"
@@ -78,7 +77,8 @@ class RedisBroker:
 
     # ----- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, events: TransportEvents) -> None:
+        self._events = events
         common: dict[str, Any] = {
             "decode_responses": False,
             "socket_connect_timeout": 5,
@@ -95,8 +95,7 @@ class RedisBroker:
             asyncio.create_task(self._send(), name="broker-send"),
         ]
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        self.fail_all("The server is shutting down; the request did not finish.")
+    async def stop(self, timeout: float) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -109,49 +108,35 @@ class RedisBroker:
             if client is not None:
                 await client.aclose()
 
-    # ----- what the service uses -------------------------------------------------------------
+    # ----- the transport ---------------------------------------------------------------------
 
-    @property
-    def ready_workers(self) -> int:
+    def _ready_workers(self) -> int:
         if not self._connected:
             return 0
-        return sum(worker.state in TAKING_STATES for worker in self._workers)
+        return sum(_state(worker.state).takes_shards for worker in self._workers)
 
-    @property
-    def queued_images(self) -> int:
-        return self._queue.images
+    def has_room(self) -> bool:
+        held = len(self._outgoing) + self._devices.on_device(self._sent)
+        return self._connected and held < self._ready_workers() * SHARDS_PER_WORKER
 
-    @property
-    def pending_images(self) -> int:
-        return self._queue.images + sum(shard.size for shard in self._sent.values())
-
-    def estimated_wait(self, images: int) -> float:
-        return self._ledger.estimated_wait(images, self.ready_workers)
-
-    def fail_all(self, detail: str, status: int = 500) -> None:
-        self._ledger.fail_all(detail, status)
-        self._sent.clear()
-
-    def submit(self, request: GenerationRequest, shards: list[ShardTask] | None = None) -> RequestHandle:
-        if shards is None:
-            shards = split_into_shards(request, self.config.max_batch)
-        handle = self._ledger.add(request, shards)
+    def send(self, shard: ShardTask) -> None:
+        """Queued here until the sender task has put it on the shared stream."""
+        self._outgoing.append(shard)
         self._wake.set()
-        return handle
 
-    def abandon(self, request_id: str) -> None:
-        self._ledger.abandon(request_id)
-
-    def snapshot(self) -> list[WorkerStatus]:
+    def workers(self) -> list[WorkerStatus]:
+        if not self._connected:
+            return []
         return [
             WorkerStatus(
                 worker_id=index,
                 pid=worker.pid,
                 device=f"{worker.host}/{worker.device}",
+                device_name=worker.device_name,
                 model=worker.model,
-                state=worker.state,
+                state=_state(worker.state),
                 images_done=worker.images_done,
-                shards_in_flight=1 if worker.state == "busy" else 0,
+                shards_in_flight=1 if worker.state == WorkerState.BUSY else 0,
                 restarts=0,
                 error=worker.error,
             )
@@ -207,7 +192,8 @@ class RedisBroker:
         for worker in self._workers:
             if worker.model != self.config.model:
                 log.error("broker: worker %s serves model %s, not %s; it will refuse shards", worker.name, worker.model, self.config.model)
-        self._wake.set()
+        assert self._events is not None
+        self._events.room_changed()
 
     async def _create_group(self) -> None:
         assert self._redis is not None
@@ -226,16 +212,12 @@ class RedisBroker:
         self._fail_in_flight(f"The connection to Redis was lost ({exc})")
 
     def _fail_in_flight(self, cause: str) -> None:
-        """Requests with shards in Redis end with 503; requests still wholly queued here wait."""
-        log.error("broker: %s; failing the requests with shards in flight", cause)
-        detail = f"{cause}; the request did not finish. Retry when /health is healthy again."
-        for handle in list(self._ledger.requests.values()):
-            if handle.abandoned:
-                handle.in_flight.clear()  # nothing more will come for it
-                self._ledger.end_if_drained(handle)
-            elif handle.in_flight:
-                self._ledger.fail(handle, detail, status=503)
-        self._sent = {key: shard for key, shard in self._sent.items() if shard.request_id in self._ledger.requests}
+        """The shards in Redis are gone with it: the scheduler fails their requests."""
+        self._sent.clear()
+        self._outgoing.clear()
+        self._devices = DeviceTracker()
+        assert self._events is not None
+        self._events.transport_lost(f"broker: {cause}")
 
     # ----- shards out ------------------------------------------------------------------------
 
@@ -254,11 +236,9 @@ class RedisBroker:
 
     async def _send_what_fits(self) -> None:
         assert self._redis is not None
-        while self._connected and len(self._queue) and len(self._sent) < self.ready_workers * SHARDS_PER_WORKER:
-            shard = self._queue.pop()
-            assert shard is not None
+        while self._connected and self._outgoing:
+            shard = self._outgoing.pop(0)
             self._sent[(shard.request_id, shard.shard_id)] = shard
-            self._ledger.dispatched(shard)
             fields = {TASK_FIELD: wire.encode(shard), REPLY_TO_FIELD: self.results_key.encode(), MODEL_FIELD: self.config.model.encode()}
             await self._redis.xadd(self.keys.shards, fields)  # type: ignore[arg-type]
 
@@ -291,16 +271,32 @@ class RedisBroker:
         except (KeyError, wire.WireError) as exc:
             log.error("broker: unreadable result entry: %s", exc)
             return
+        assert self._events is not None
+        key = (message.request_id, message.shard_id) if isinstance(message, (ShardStarted, ShardDone, ShardFailed)) else None
         if isinstance(message, ShardStarted):
-            return
-        if isinstance(message, ShardDone):
-            self._sent.pop((message.request_id, message.shard_id), None)
-            if not self._ledger.shard_done(message):
-                log.info("broker: shard %s/%d reported again; the first result was used", message.request_id, message.shard_id)
+            if key in self._sent:
+                self._devices.started(message.worker_id, key)
+                self._events.room_changed()
+        elif isinstance(message, ShardDone):
+            self._sent.pop(key, None)
+            self._devices.ended(key)
+            self._events.shard_done(message)
         elif isinstance(message, ShardFailed):
-            self._sent.pop((message.request_id, message.shard_id), None)
-            self._ledger.shard_failed(message.request_id, message.shard_id, message.error)
+            self._sent.pop(key, None)
+            self._devices.ended(key)
+            self._events.shard_failed(message)
         else:
             log.error("broker: unexpected %s on the result stream", type(message).__name__)
-            return
-        self._wake.set()
+
+
+def _state(value: str) -> WorkerState:
+    """A heartbeat's state; an unknown one (a newer worker) shows as starting."""
+    try:
+        return WorkerState(value)
+    except ValueError:
+        return WorkerState.STARTING
+
+
+def redis_workers(config: EngineConfig, url: str, prefix: str) -> Scheduler:
+    """The engine with workers on other boxes, through Redis Streams."""
+    return Scheduler(config, RedisTransport(config, url, prefix))

@@ -33,9 +33,8 @@ DEFAULT_PREFIX = "sdxl"
 GROUP = "workers"
 HEARTBEAT_SECONDS = 2.0
 HEARTBEAT_TTL_SECONDS = 10
-DEFAULT_VISIBILITY_TIMEOUT = 120.0
-# A shard delivered this many times whose holders all died (or hung) fails its request.
-MAX_SHARD_KILLS = 2
+# How long a shard whose holder died (its heartbeat stopped re-claiming it) waits for a takeover.
+DEFAULT_VISIBILITY_TIMEOUT = 30.0
 
 TASK_FIELD = b"task"
 REPLY_TO_FIELD = b"reply_to"
@@ -75,9 +74,10 @@ class WorkerHeartbeat:
     pid: int
     device: str
     model: str
-    state: str  # starting, ready, busy, failed
+    state: str  # a contract.states.WorkerState value: starting, ready, busy, failed
     images_done: int
     error: str | None = None
+    device_name: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -94,6 +94,7 @@ class WorkerHeartbeat:
             state=str(data["state"]),
             images_done=int(data["images_done"]),
             error=None if data.get("error") is None else str(data["error"]),
+            device_name=None if data.get("device_name") is None else str(data["device_name"]),
         )
 
 

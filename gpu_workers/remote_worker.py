@@ -1,24 +1,30 @@
 """A worker on another box: takes shards from Redis Streams instead of a local queue.
 
-One process per device, spawned by ``python -m gpu_workers``. It runs the very same shard code as
-the local pool's worker (``gpu_workers.worker``: ``_prepare_device``, ``_load``, ``_run_shard``), so
-a shard gives the same bytes whichever way it travelled; only the transport differs, and that is
+One process per device, spawned by ``python -m gpu_workers``. It runs the very same worker loop as
+a local worker (``gpu_workers.worker_loop.serve``: the pipelined device, encode and send stages,
+the shard-timeout watchdog), so a shard gives the same bytes whichever way it travelled; only the
+transport differs, and that is this class (its ``ShardSource`` and ``ResultSink``) and
 ``gpu_workers.redis_protocol``:
 
 - it refuses to start (exit 2) when the API server speaks another protocol or serves another model,
   since every shard it ran would give images of the wrong model;
 - it pulls shards with ``XREADGROUP`` from the group ``workers``, and first takes over, with
   ``XAUTOCLAIM``, any shard another worker has held longer than the visibility timeout (that
-  worker died or hangs); a shard whose holders died ``MAX_SHARD_KILLS`` times is failed instead of
-  run again, so one poison shard cannot kill every worker in turn;
+  worker died or hangs); a shard that lost ``MAX_SHARD_LOSSES`` holders is failed instead of run
+  again (``shard_rules``, the rule the local pool follows too), so one poison shard cannot kill
+  every worker in turn;
+- while it holds shards, its heartbeat thread re-claims them (``XCLAIM ... JUSTID``) every beat, so
+  a shard that runs longer than the visibility timeout is not taken over from a living worker: the
+  visibility timeout is how long a *dead* holder goes unnoticed, and ``--shard-timeout`` is how long
+  a shard may run (past it the watchdog ends the process, the beats stop, another worker takes over);
 - it writes the result to the API's stream *before* it acknowledges the shard, so a worker that
   dies in between costs a second run (same bytes, the API keeps the first result), never a result;
 - a heartbeat thread keeps ``{prefix}:worker:{name}`` alive, also while a shard generates, which
   is how the API knows which workers exist and what they do;
 - Redis going away is not fatal: it logs once, retries with backoff and carries on where it was
   (a result not yet written stays in memory and is written when Redis is back);
-- SIGTERM (or SIGINT) finishes the shard in hand, writes and acknowledges it, deletes the heartbeat
-  key and exits 0: a remote box is stopped by its own supervisor, not by the API process.
+- SIGTERM (or SIGINT) finishes the shards in hand, writes and acknowledges them, deletes the
+  heartbeat key and exits 0: a remote box is stopped by its own supervisor, not by the API process.
 
 Messages travel through ``gpu_workers.wire`` (msgpack, never pickle), so a compromised Redis or
 API box cannot make this process run code.
@@ -48,12 +54,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from gpu_workers import wire
-from gpu_workers.messages import ShardFailed, ShardStarted, ShardTask, WorkerConfig
+from contract.failures import FailureReason
+from contract.states import WorkerState
+from gpu_workers.messages import ShardDone, ShardFailed, ShardStarted, ShardTask, WorkerConfig
 from gpu_workers.redis_protocol import (
     GROUP,
     HEARTBEAT_SECONDS,
     HEARTBEAT_TTL_SECONDS,
-    MAX_SHARD_KILLS,
     MESSAGE_FIELD,
     MODEL_FIELD,
     PROTOCOL,
@@ -64,7 +71,9 @@ from gpu_workers.redis_protocol import (
     redacted,
     worker_name,
 )
-from gpu_workers.worker import _load, _prepare_device, _quiet_libraries, _run_shard
+from gpu_workers.shard_rules import given_up, given_up_detail
+from gpu_workers.worker import load_for_worker, quiet_libraries
+from gpu_workers.worker_loop import Taken, serve
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +218,13 @@ class Heartbeat:
     the main thread's blocking read. Redis errors are logged once per outage and never fatal.
     """
 
-    def __init__(self, url: str, keys: Keys, name: str, config: WorkerConfig) -> None:
+    def __init__(
+        self, url: str, keys: Keys, name: str, config: WorkerConfig, held: Callable[[], list[bytes]] = list, every: float = HEARTBEAT_SECONDS
+    ) -> None:
         self.keys = keys
+        self.every = every
+        self.name = name
+        self._held = held
         self.key = keys.worker(name)
         self._client = connect(url, socket_timeout=CONNECT_TIMEOUT)
         self._outage = Outage(url, "heartbeat: ")
@@ -256,8 +270,19 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            self.publish()
-            self._wake.wait(HEARTBEAT_SECONDS)
+            if self.publish():
+                self._reclaim()
+            self._wake.wait(self.every)
+
+    def _reclaim(self) -> None:
+        """Reset the idle time of the shards in hand: a living worker keeps them however long they run."""
+        held = self._held()
+        if not held:
+            return
+        try:
+            self._client.xclaim(self.keys.shards, GROUP, self.name, min_idle_time=0, message_ids=held, justid=True)
+        except (RedisError, OSError) as exc:
+            self._outage.lost(exc)
 
     def stop(self, delete: bool = True) -> None:
         """Stop beating; delete the key (a worker that stops cleanly is gone at once), or leave it
@@ -281,10 +306,8 @@ class Heartbeat:
 
 @dataclass
 class _Outgoing:
-    """A shard whose messages are not all on the API's stream yet, or that is not yet acknowledged.
-
-    Kept in memory across a Redis outage so a finished shard is written, not run again.
-    """
+    """A shard entry in this worker's hands until its reply is on the API's stream and it is
+    acknowledged. Kept in memory across a Redis outage, so a finished shard is written, not run again."""
 
     entry_id: bytes
     reply_to: bytes | None
@@ -293,7 +316,12 @@ class _Outgoing:
 
 
 class RemoteWorker:
-    """The state of one worker process: its Redis client, heartbeat, pipeline and stop flag."""
+    """One worker process on a box: the Redis end of the shared worker loop (``ShardSource`` and
+    ``ResultSink`` of ``gpu_workers.worker_loop``), its heartbeat, and its stop flag.
+
+    Three threads use Redis: the taker (``take``), the sender (``finished``) and the heartbeat (its
+    own client). redis-py's client takes a pooled connection per command, so they never share one.
+    """
 
     def __init__(self, config: WorkerConfig, url: str, prefix: str, visibility_timeout: float) -> None:
         self.config = config
@@ -305,19 +333,19 @@ class RemoteWorker:
         self.heartbeat: Heartbeat | None = None
         self.outage = Outage(url)
         self.stop_requested = False
-        self.images_done = 0
+        self._stop_deadline: float | None = None
         self._parent = os.getppid()
-        self._outbox: list[_Outgoing] = []
         self._check_own_pending = False
-        self._pipe: Any = None
-        self._limit: Any = None
+        self._group_ready = False
+        self._held_lock = threading.Lock()
+        self._held: set[bytes] = set()
 
     # ----- stopping
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        """Signal handler: only sets a flag, checked between shards (a shard in hand is finished)."""
+        """Signal handler: only sets a flag; the shards in hand are finished and acknowledged."""
         if not self.stop_requested:
-            log.info("worker %s: %s received; stopping after the shard in hand", self.name, signal.Signals(signum).name)
+            log.info("worker %s: %s received; stopping after the shard in hand (and the one taken ahead, if any)", self.name, signal.Signals(signum).name)
         self.stop_requested = True
 
     def stopping(self) -> bool:
@@ -339,66 +367,63 @@ class RemoteWorker:
             log.error("%s", refused)
             return EXIT_REFUSED
 
-        self.heartbeat = Heartbeat(self.url, self.keys, self.name, self.config)
+        # Beats (and re-claims) at least three times per visibility timeout: a living worker's
+        # shards must never look idle long enough to be taken over.
+        every = min(HEARTBEAT_SECONDS, self.visibility_ms / 3000)
+        self.heartbeat = Heartbeat(self.url, self.keys, self.name, self.config, self.held, every)
         self.heartbeat.start()
         started = time.perf_counter()
         log.info("worker %s: loading model %s on %s", self.name, self.config.model, self.config.device)
         try:
-            _prepare_device(self.config)
-            self._pipe = _load(self.config)
+            pipe, device_name = load_for_worker(self.config)
         except Exception as exc:  # reported in the heartbeat, which /health shows
             log.exception("worker %s could not load model %r", self.name, self.config.model)
-            self.heartbeat.update(state="failed", error=str(exc))
+            self.heartbeat.update(state=WorkerState.FAILED.value, error=str(exc))
             self.heartbeat.stop(delete=False)
             return EXIT_LOAD_FAILED
 
-        from gpu_workers.generation import BatchLimit
-
-        self._limit = BatchLimit()
         log.info("worker %s: ready in %.1f s; taking shards from %s", self.name, time.perf_counter() - started, self.keys.shards)
-        self.heartbeat.update(state="ready")
+        self.heartbeat.update(state=WorkerState.READY.value, device_name=device_name)
         try:
-            self.loop()
+            images = serve(pipe, self.config, self, self)
         finally:
             self.heartbeat.stop(delete=True)
             self.redis.close()
-        log.info("worker %s: stopped after %d image(s)", self.name, self.images_done)
+        log.info("worker %s: stopped after %d image(s)", self.name, images)
         return 0
 
-    def loop(self) -> None:
-        """Take shards until stopped; every Redis failure is survived here."""
-        self._ensure_group()
-        deadline: float | None = None
-        while True:
-            if self.stopping():
-                if not self._outbox:
-                    return
-                deadline = deadline or time.monotonic() + STOP_FLUSH_SECONDS
-                if time.monotonic() > deadline:
-                    log.warning(
-                        "worker %s: Redis did not take %d finished shard(s) in %.0f s; another worker will run them "
-                        "again after the visibility timeout", self.name, len(self._outbox), STOP_FLUSH_SECONDS,
-                    )
-                    return
-            try:
-                if self._outbox:
-                    self._flush()
-                    self.outage.back()
-                if not self.stopping():
-                    entry = self._next_entry()
-                    self.outage.back()
-                    if entry is not None:
-                        self._handle(*entry)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.outage.back()  # Redis answered: it is there, only empty
-                log.warning("worker %s: the consumer group is gone (Redis restarted empty?); creating it again", self.name)
+    # ----- ShardSource: taking a shard (the taker thread)
+
+    def take(self) -> Taken | None:
+        """The next shard entry, vetted; None when none came in the read's BLOCK time. Every Redis
+        failure is survived here: logged once per outage, retried with backoff."""
+        try:
+            if not self._group_ready:
                 self._ensure_group()
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                self.outage.lost(exc)
-                self._check_own_pending = True
-                interruptible_sleep(self.outage.delay(), lambda: self.stopping() and not self._outbox)
+            entry = self._next_entry()
+            self.outage.back()
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.outage.back()  # Redis answered: it is there, only empty
+            log.warning("worker %s: the consumer group is gone (Redis restarted empty?); creating it again", self.name)
+            self._group_ready = False
+            return None
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            self.outage.lost(exc)
+            self._check_own_pending = True
+            interruptible_sleep(self.outage.delay(), self.stopping)
+            return None
+        if entry is None:
+            return None
+        with self._held_lock:
+            self._held.add(entry[0])
+        return self._vet(*entry)
+
+    def held(self) -> list[bytes]:
+        """The entries taken and not yet acknowledged (for the heartbeat's re-claim)."""
+        with self._held_lock:
+            return list(self._held)
 
     def _ensure_group(self) -> None:
         """``id=0``: shards added before the group existed (a Redis restart) are delivered too."""
@@ -407,10 +432,7 @@ class RemoteWorker:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            self.outage.lost(exc)  # the loop retries; a later NOGROUP calls this again
-
-    # ----- taking a shard
+        self._group_ready = True
 
     def _next_entry(self) -> tuple[bytes, dict[bytes, bytes] | None, str] | None:
         """``(entry id, fields, source)``, or None when nothing came in the read's BLOCK time.
@@ -444,13 +466,13 @@ class RemoteWorker:
         rows = self.redis.xpending_range(self.keys.shards, GROUP, min=entry_id, max=entry_id, count=1)
         return int(rows[0]["times_delivered"]) if rows else 1
 
-    def _handle(self, entry_id: bytes, fields: dict[bytes, bytes] | None, source: str) -> None:
-        """Run one shard entry (or fail it, or drop it if it can never run) and queue its reply."""
+    def _vet(self, entry_id: bytes, fields: dict[bytes, bytes] | None, source: str) -> Taken:
+        """A shard to run, or the reply that must go instead (given up, wrong model), or an entry
+        that can never run and is only acknowledged (unreadable, nobody to answer)."""
         label = entry_id.decode()
         if not fields or TASK_FIELD not in fields:
             log.error("worker %s: shard entry %s has no %s field; dropping it", self.name, label, TASK_FIELD.decode())
-            self._reply(_Outgoing(entry_id, None, label=label))
-            return
+            return Taken(None, _Outgoing(entry_id, None, label=label))
         reply_to = fields.get(REPLY_TO_FIELD)
         try:
             task = wire.decode(fields[TASK_FIELD])
@@ -458,31 +480,23 @@ class RemoteWorker:
                 raise wire.WireError(f"expected a ShardTask, got {type(task).__name__}")
         except wire.WireError as exc:
             log.error("worker %s: shard entry %s is not a valid shard (%s); dropping it", self.name, label, exc)
-            self._reply(_Outgoing(entry_id, None, label=label))
-            return
+            return Taken(None, _Outgoing(entry_id, None, label=label))
         label = f"{task.request_id}/{task.shard_id}"
         if not reply_to:
             log.error("worker %s: shard %s has no %s field; nobody can get its result, dropping it", self.name, label, REPLY_TO_FIELD.decode())
-            self._reply(_Outgoing(entry_id, None, label=label))
-            return
+            return Taken(None, _Outgoing(entry_id, None, label=label))
         out = _Outgoing(entry_id, reply_to, label=label)
-        worker_id = self.config.worker_id
 
         if source != "new":
             # Every earlier delivery of this shard ended without a result: its holder died or hung.
             delivered = self._times_delivered(entry_id)
             if source == "claimed":
                 log.warning("worker %s: took over shard %s (delivery %d) from a worker that died or stalled", self.name, label, delivered)
-            if delivered > MAX_SHARD_KILLS:
-                last = task.first_index + task.size - 1
-                error = (
-                    f"Image generation failed: images {task.first_index}-{last} were held by {MAX_SHARD_KILLS} workers "
-                    "that died or stalled; the rest of the server is unaffected."
-                )
+            if given_up(delivered - 1):
+                reason = FailureReason.WORKER_CRASHES
+                error = given_up_detail(task, reason, "the workers holding them died, stalled or ran past the shard timeout")
                 log.error("worker %s: shard %s failed: %s", self.name, label, error)
-                out.messages.append(wire.encode(ShardFailed(worker_id, task.request_id, task.shard_id, error)))
-                self._reply(out)
-                return
+                return Taken(task, out, ShardFailed(self.config.worker_id, task.request_id, task.shard_id, error, reason.value))
 
         model = (fields.get(MODEL_FIELD) or b"").decode(errors="replace")
         if model != self.config.model:
@@ -491,55 +505,65 @@ class RemoteWorker:
                 f"model {self.config.model}; start the workers with --model {model or '(the API server model)'}."
             )
             log.error("worker %s: shard %s: %s", self.name, label, error)
-            out.messages.append(wire.encode(ShardFailed(worker_id, task.request_id, task.shard_id, error)))
-            self._reply(out)
-            return
+            return Taken(task, out, ShardFailed(self.config.worker_id, task.request_id, task.shard_id, error))
+        return Taken(task, out)
 
-        self._started(reply_to, ShardStarted(worker_id, task.request_id, task.shard_id))
-        assert self.heartbeat is not None
-        self.heartbeat.update(state="busy")
-        try:
-            result = _run_shard(self._pipe, self.config, task, self._limit)
-        finally:
-            self.heartbeat.update(state="ready")
-        if not isinstance(result, ShardFailed):
-            self.images_done += len(result.images)
-            self.heartbeat.update(images_done=self.images_done)
-        out.messages.append(wire.encode(result))
-        self._reply(out)
+    # ----- ResultSink: replying, then acknowledging (the main and sender threads)
 
-    def _started(self, reply_to: bytes, message: ShardStarted) -> None:
+    def started(self, taken: Taken) -> None:
         """Best effort: ShardStarted only informs; a Redis blip must not keep the shard from running."""
+        assert taken.task is not None and taken.receipt.reply_to is not None
+        message = ShardStarted(self.config.worker_id, taken.task.request_id, taken.task.shard_id)
         try:
-            self._xadd_result(reply_to, wire.encode(message))
+            self._xadd_result(taken.receipt.reply_to, wire.encode(message))
         except (RedisConnectionError, RedisTimeoutError) as exc:
             self.outage.lost(exc)
 
-    # ----- replying, then acknowledging
+    def state(self, state: WorkerState, images_done: int) -> None:
+        assert self.heartbeat is not None
+        self.heartbeat.update(state=state.value, images_done=images_done)
 
-    def _reply(self, out: _Outgoing) -> None:
-        self._outbox.append(out)
-        self._flush()
-
-    def _flush(self) -> None:
-        """Write each queued shard's messages, then XACK and XDEL it: in that order, so a worker that
-        dies in between leaves the shard pending (to run again), never acknowledged without a result.
-        Raises the Redis error that stopped it; what is not done stays queued."""
-        while self._outbox:
-            out = self._outbox[0]
-            while out.messages:
-                assert out.reply_to is not None
-                self._xadd_result(out.reply_to, out.messages[0])
-                out.messages.pop(0)
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.keys.shards, GROUP, out.entry_id)
-            pipe.xdel(self.keys.shards, out.entry_id)
+    def finished(self, taken: Taken, reply: ShardDone | ShardFailed | None) -> None:
+        """Write the reply, then acknowledge; through a Redis outage, keep trying until it is back
+        (or, once stopping, for ``STOP_FLUSH_SECONDS``: past that the shard stays pending and
+        another worker takes it over after the visibility timeout)."""
+        out: _Outgoing = taken.receipt
+        if reply is not None:
+            out.messages.append(wire.encode(reply))
+        while True:
             try:
-                pipe.execute()
-            except ResponseError as exc:  # NOGROUP: Redis restarted empty, nothing left to acknowledge
-                if "NOGROUP" not in str(exc):
-                    raise
-            self._outbox.pop(0)
+                self._flush(out)
+                self.outage.back()
+                break
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                self.outage.lost(exc)
+            if self.stopping():
+                self._stop_deadline = self._stop_deadline or time.monotonic() + STOP_FLUSH_SECONDS
+                if time.monotonic() > self._stop_deadline:
+                    log.warning(
+                        "worker %s: Redis did not take shard %s in %.0f s; another worker will run it again after "
+                        "the visibility timeout", self.name, out.label, STOP_FLUSH_SECONDS,
+                    )
+                    break
+            time.sleep(min(1.0, self.outage.delay()))
+        with self._held_lock:
+            self._held.discard(out.entry_id)
+
+    def _flush(self, out: _Outgoing) -> None:
+        """Write the shard's messages, then XACK and XDEL it: in that order, so a worker that dies
+        in between leaves the shard pending (to run again), never acknowledged without a result."""
+        while out.messages:
+            assert out.reply_to is not None
+            self._xadd_result(out.reply_to, out.messages[0])
+            out.messages.pop(0)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(self.keys.shards, GROUP, out.entry_id)
+        pipe.xdel(self.keys.shards, out.entry_id)
+        try:
+            pipe.execute()
+        except ResponseError as exc:  # NOGROUP: Redis restarted empty, nothing left to acknowledge
+            if "NOGROUP" not in str(exc):
+                raise
 
     def _xadd_result(self, reply_to: bytes, message: bytes) -> None:
         self.redis.xadd(reply_to, {MESSAGE_FIELD: message}, maxlen=RESULT_STREAM_MAXLEN, approximate=True)
@@ -548,7 +572,7 @@ class RemoteWorker:
 def remote_worker_main(config: WorkerConfig, broker_url: str, prefix: str, visibility_timeout: float, log_level: str = "INFO") -> None:
     """Entry point of the spawned process for one device; exits with 0 (stopped), 1 (the pipeline
     did not load; the launcher restarts it) or 2 (refused; the launcher gives up)."""
-    _quiet_libraries()
+    quiet_libraries()
     config = dataclasses.replace(config, worker_id=os.getpid())  # the id in every message is the pid
     logging.basicConfig(
         level=log_level.upper(),

@@ -1,8 +1,10 @@
-"""The worker process: load the pipeline once, report ready, then run shards until told to stop.
+"""A local worker process: load the pipeline once, report ready, then serve shards from its own
+queue until told to stop.
 
-It owns one device and one pipeline. Every shard gets exactly one reply (done or failed), so the
-pool never waits for a shard that silently vanished while the worker lives on; a worker that dies
-is the pool's business (it watches the process sentinel).
+The loop itself is ``gpu_workers.worker_loop.serve`` (the same for workers on other boxes); this
+module is the local transport's end of it (a ``multiprocessing`` queue in, a pipe out) and what
+every worker process does before its loop: pin the device, quiet the libraries, load and warm up.
+A worker that dies is the pool's business (it watches the process sentinel).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import logging
 import os
 import queue
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from contract.states import WorkerState
 from gpu_workers.messages import (
     ShardDone,
     ShardFailed,
@@ -25,63 +29,38 @@ from gpu_workers.messages import (
     WorkerReady,
     WorkerStartFailed,
 )
+from gpu_workers.worker_loop import EXIT_SHARD_TIMEOUT, POLL_SECONDS, Taken, serve
+
+__all__ = ["EXIT_SHARD_TIMEOUT", "load_for_worker", "quiet_libraries", "worker_main"]
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 1.0
-OOM_DETAIL = "Image generation failed: CUDA out of memory"
 
-
-def _prepare_device(config: WorkerConfig) -> None:
+def _prepare_device(config: WorkerConfig) -> str:
     """Pin the thread count on CPU: it changes the bytes (DESIGN.md section 6), so it is a
-    setting of its own and never derived from how many workers share the cores."""
+    setting of its own and never derived from how many workers share the cores. Returns the
+    device's name for /health."""
     import torch
 
     if config.device == "cpu":
         torch.set_num_threads(config.cpu_threads)
-    else:
-        torch.cuda.set_device(config.device)
+        return "cpu"
+    torch.cuda.set_device(config.device)
+    return torch.cuda.get_device_name(config.device)
 
 
-def _load(config: WorkerConfig) -> Any:
-    from gpu_workers.generation import generate_shard
+def load_for_worker(config: WorkerConfig) -> tuple[Any, str]:
+    """Pin the device, load the pipeline and warm it up: ``(pipeline, device name)``."""
+    from gpu_workers.generation import generate_images
     from gpu_workers.loading import load_pipeline
 
+    device_name = _prepare_device(config)
     pipe = load_pipeline(config.model, config.device, Path(config.model_cache))
-    warm_up = ShardTask("warm-up", 0, 0, ("warm-up",), (0,), None, 0.0, steps=1)
-    generate_shard(pipe, warm_up)
-    return pipe
+    generate_images(pipe, ShardTask("warm-up", 0, 0, ("warm-up",), (0,), None, 0.0, steps=1))
+    return pipe, device_name
 
 
-def _failure_detail(exc: BaseException) -> str:
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return OOM_DETAIL
-    return f"Image generation failed: {type(exc).__name__}: {exc}"
-
-
-def _run_shard(pipe: Any, config: WorkerConfig, task: ShardTask, limit: Any) -> ShardDone | ShardFailed:
-    from gpu_workers.generation import generate_fitting, truncation_warnings
-
-    started = time.perf_counter()
-    try:
-        images = generate_fitting(pipe, task, limit)
-        warnings = truncation_warnings(pipe, task.prompts)
-    except Exception as exc:  # noqa: BLE001 - a failed shard must never take the worker down
-        log.exception("worker %d: shard %s/%d failed", config.worker_id, task.request_id, task.shard_id)
-        return ShardFailed(config.worker_id, task.request_id, task.shard_id, _failure_detail(exc))
-    return ShardDone(
-        worker_id=config.worker_id,
-        request_id=task.request_id,
-        shard_id=task.shard_id,
-        images=tuple(images),
-        warnings=warnings,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Progress bars and import-time notices of diffusers/transformers would flood the server log."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -96,37 +75,69 @@ def _ignore_stop_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _LocalQueue:
+    """Shards from this worker's own queue; stops on ``StopWorker`` or when the API process is gone."""
+
+    def __init__(self, tasks: Any) -> None:
+        self._tasks = tasks
+        self._parent = os.getppid()
+        self._stop = False
+
+    def take(self) -> Taken | None:
+        try:
+            message = self._tasks.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if os.getppid() != self._parent:  # the API process is gone: nobody will read our results
+                self._stop = True
+            return None
+        if isinstance(message, StopWorker):
+            self._stop = True
+            return None
+        return Taken(message)
+
+    def stopping(self) -> bool:
+        return self._stop
+
+
+class _LocalPipe:
+    """Replies through this worker's own pipe; two threads send (started, replies), hence a lock."""
+
+    def __init__(self, results: Any, worker_id: int) -> None:
+        self._results = results
+        self._worker_id = worker_id
+        self._lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        with self._lock:
+            self._results.send(message)
+
+    def started(self, taken: Taken) -> None:
+        assert taken.task is not None
+        self.send(ShardStarted(self._worker_id, taken.task.request_id, taken.task.shard_id))
+
+    def finished(self, taken: Taken, reply: ShardDone | ShardFailed | None) -> None:
+        if reply is not None:
+            self.send(reply)
+
+    def state(self, state: WorkerState, images_done: int) -> None:
+        """The pool follows the state from the messages themselves."""
+
+
 def worker_main(config: WorkerConfig, tasks: Any, results: Any) -> None:
     """Entry point of the spawned process. ``tasks`` is its own queue, ``results`` the sending
-    end of its own pipe (one writer, so no lock that a killed worker could leave held)."""
+    end of its own pipe (one writer process, so no lock that a killed worker could leave held)."""
     _ignore_stop_signals()
-    _quiet_libraries()
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{config.worker_id} %(levelname)s %(message)s")
-    parent = os.getppid()
     started = time.perf_counter()
     try:
-        _prepare_device(config)
-        pipe = _load(config)
+        pipe, device_name = load_for_worker(config)
     except Exception as exc:  # noqa: BLE001 - reported to the pool, which shows it in /health
         log.exception("worker %d could not load model %r", config.worker_id, config.model)
         results.send(WorkerStartFailed(config.worker_id, os.getpid(), config.device, f"{exc}"))
         results.close()
         return
-    results.send(WorkerReady(config.worker_id, os.getpid(), config.device, config.model, time.perf_counter() - started))
-
-    from gpu_workers.generation import BatchLimit
-
-    limit = BatchLimit()
-
-    while True:
-        try:
-            message = tasks.get(timeout=POLL_SECONDS)
-        except queue.Empty:
-            if os.getppid() != parent:  # the API process is gone: nobody will read our results
-                return
-            continue
-        if isinstance(message, StopWorker):
-            break
-        results.send(ShardStarted(config.worker_id, message.request_id, message.shard_id))
-        results.send(_run_shard(pipe, config, message, limit))
+    sink = _LocalPipe(results, config.worker_id)
+    sink.send(WorkerReady(config.worker_id, os.getpid(), config.device, config.model, time.perf_counter() - started, device_name))
+    serve(pipe, config, _LocalQueue(tasks), sink)
     results.close()

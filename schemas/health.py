@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
-WORKER_STATES = ("starting", "ready", "busy", "dead", "failed")
+from contract.states import WorkerState
+
+WORKER_STATES = tuple(state.value for state in WorkerState)
 
 
 class WorkerSchema(Schema):
@@ -14,7 +16,7 @@ class WorkerSchema(Schema):
     model = fields.Str(metadata={"example": "sdxl-lightning-8step"})
     state = fields.Str(
         validate=validate.OneOf(WORKER_STATES),
-        metadata={"description": "starting (loading the model), ready, busy, dead (restarting) or failed (could not load; see error)", "example": "ready"},
+        metadata={"description": "starting (loading the model), ready, busy, stalled (a shard ran past --shard-timeout: being replaced), dead (restarting; error says why) or failed (could not load; see error)", "example": "ready"},
     )
     images_done = fields.Int(metadata={"example": 150})
     shards_in_flight = fields.Int(metadata={"example": 1})

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
-from service.job_db import JOB_STATES
+from contract.states import JobState
+
+JOB_STATES = tuple(state.value for state in JobState)
 
 JOB_ID_EXAMPLE = "3f2b9c4e5d6a47f8a9b0c1d2e3f4a5b6"
 

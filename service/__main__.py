@@ -9,9 +9,8 @@ import sys
 from aiohttp import web
 
 from gpu_workers.backend import ShardBackend
-from gpu_workers.devices import REAL_MODEL, cuda_info, resolve_devices, resolve_model
-from gpu_workers.pool import PoolConfig, WorkerPool
-from gpu_workers.redis_broker import RedisBroker
+from gpu_workers.devices import REAL_MODEL, resolve_devices, resolve_model
+from gpu_workers.scheduler import EngineConfig
 from service.app import create_app
 from service.keys import JOBS, LIFECYCLE
 from service.settings import Settings, load_settings
@@ -50,18 +49,25 @@ def _backend(settings: Settings) -> ShardBackend:
         # The API box need not have a GPU; its workers are meant to: auto is the real model there.
         model = REAL_MODEL if settings.model == "auto" else settings.model
         log.info("model %s on the workers of the broker (python -m gpu_workers --broker ...)", model)
-        config = PoolConfig(devices=(), model=model, model_cache=settings.model_cache, max_batch=settings.max_batch)
-        return RedisBroker(config, settings.broker, prefix=settings.broker_prefix)
+        from gpu_workers.redis_broker import redis_workers
+
+        config = EngineConfig(
+            devices=(), model=model, model_cache=settings.model_cache, max_batch=settings.max_batch, shard_timeout=settings.shard_timeout
+        )
+        return redis_workers(config, settings.broker, settings.broker_prefix)
+    from gpu_workers.pool import local_workers
+
     devices = resolve_devices(settings.devices, settings.workers)
     model = resolve_model(settings.model, devices)
     log.info("model %s on %s", model, ", ".join(devices))
-    return WorkerPool(
-        PoolConfig(
+    return local_workers(
+        EngineConfig(
             devices=devices,
             model=model,
             model_cache=settings.model_cache,
             cpu_threads=settings.cpu_threads,
             max_batch=settings.max_batch,
+            shard_timeout=settings.shard_timeout,
         )
     )
 
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(create_app(settings, backend, cuda_info()), settings))
+        asyncio.run(serve(create_app(settings, backend), settings))
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1

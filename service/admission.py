@@ -9,17 +9,16 @@ from typing import Any
 
 from aiohttp import web
 
-from gpu_workers.sharding import SEED_SPACE
+from contract.batch import SEED_SPACE, BatchSpec
 from service.access_log import IMAGES
 from service.errors import json_error
-from service.job_db import JobSpec
 from service.keys import LIFECYCLE, POOL, SETTINGS
 
 NO_WORKER_RETRY_AFTER = "10"
 DRAINING_RETRY_AFTER = "30"
 
 
-def admit(request: web.Request, data: dict[str, Any]) -> JobSpec | web.Response:
+def admit(request: web.Request, data: dict[str, Any]) -> BatchSpec | web.Response:
     """The job to run for a validated body, or the error response that refuses it."""
     settings = request.app[SETTINGS]
     total = len(data["prompts"]) * data["num_images_per_prompt"]
@@ -33,7 +32,7 @@ def admit(request: web.Request, data: dict[str, Any]) -> JobSpec | web.Response:
     if seed is None or seed == -1:
         seed = secrets.randbelow(SEED_SPACE)
     request[IMAGES] = total
-    return JobSpec(
+    return BatchSpec(
         prompts=tuple(data["prompts"]),
         num_images_per_prompt=data["num_images_per_prompt"],
         seed=seed,

@@ -13,7 +13,6 @@ from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 from aiohttp_apigami.constants import APISPEC_PARSER
 
-from gpu_workers.devices import CudaInfo
 from schemas.common import ErrorSchema
 from schemas.generate import GenerateResponseSchema
 from schemas.jobs import ProgressLineSchema
@@ -26,7 +25,7 @@ from service.job_db import JobDatabase
 from service.job_routes import JOB_ROUTES
 from service.jobs import JobManager
 from service.json_body import StrictJSONParser
-from service.keys import CUDA, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
+from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.lifecycle import Lifecycle
 from service.routes import ROUTES
 from service.settings import Settings
@@ -79,7 +78,7 @@ async def _evict_expired(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
 
 
-def create_app(settings: Settings, pool: Any, cuda: CudaInfo) -> web.Application:
+def create_app(settings: Settings, pool: Any) -> web.Application:
     keys = settings.api_keys()
     middlewares = [access_log_middleware, error_middleware]
     if keys:
@@ -90,7 +89,6 @@ def create_app(settings: Settings, pool: Any, cuda: CudaInfo) -> web.Application
     app[POOL] = pool
     app[STORE] = ImageStore(settings.image_path, settings.image_retention, settings.image_dir_max_bytes)
     app[JOBS] = JobManager(JobDatabase(settings.job_db_path), app[STORE], pool)
-    app[CUDA] = cuda
     app[LIFECYCLE] = Lifecycle()
     app.add_routes(ROUTES)
     app.add_routes(JOB_ROUTES)

@@ -9,7 +9,17 @@ from typing import Any, NoReturn
 from aiohttp import web
 from marshmallow import ValidationError
 
+from contract.failures import FailureReason
+
 log = logging.getLogger(__name__)
+
+# The engine says why a request failed; the HTTP status is chosen here, and only here. 503 says
+# "try again later": the cause is outside the request (the transport, a stop).
+RETRY_LATER_REASONS = frozenset({FailureReason.TRANSPORT_LOST, FailureReason.SHUTTING_DOWN})
+
+
+def status_for(reason: FailureReason) -> int:
+    return 503 if reason in RETRY_LATER_REASONS else 500
 
 
 def json_error(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:

@@ -17,18 +17,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from gpu_workers.sharding import GenerationRequest
+from contract.batch import BatchSpec
+from contract.states import UNFINISHED_JOB_STATES as UNFINISHED_STATES
+from contract.states import JobState
 
-QUEUED = "queued"
-RUNNING = "running"
-DONE = "done"
-FAILED = "failed"
-CANCELLED = "cancelled"
-UNFINISHED_STATES = (QUEUED, RUNNING)
-JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -54,55 +50,10 @@ CREATE TABLE IF NOT EXISTS job_images (
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """What was asked, as accepted: the seed is already drawn and the shard size fixed, so the job
-    can be cut into the very same shards again after a restart (same shards, same bytes)."""
-
-    prompts: tuple[str, ...]
-    num_images_per_prompt: int
-    seed: int
-    negative_prompt: str | None
-    guidance_scale: float
-    return_format: str
-    shard_size: int
-
-    @property
-    def total_images(self) -> int:
-        return len(self.prompts) * self.num_images_per_prompt
-
-    @property
-    def as_url(self) -> bool:
-        return self.return_format == "url"
-
-    @property
-    def seeds(self) -> tuple[int, ...]:
-        return self.request("").seeds
-
-    def request(self, job_id: str) -> GenerationRequest:
-        return GenerationRequest(
-            request_id=job_id,
-            prompts=self.prompts,
-            num_images_per_prompt=self.num_images_per_prompt,
-            base_seed=self.seed,
-            negative_prompt=self.negative_prompt,
-            guidance_scale=self.guidance_scale,
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> JobSpec:
-        data = json.loads(text)
-        data["prompts"] = tuple(data["prompts"])
-        return cls(**data)
-
-
-@dataclass(frozen=True)
 class JobRecord:
     job_id: str
     state: str
-    spec: JobSpec
+    spec: BatchSpec
     images_done: int
     detail: str | None
     warnings: tuple[str, ...]
@@ -134,7 +85,7 @@ class JobDatabase:
         with self._lock:
             self._db.close()
 
-    def create(self, job_id: str, spec: JobSpec) -> JobRecord:
+    def create(self, job_id: str, spec: BatchSpec) -> JobRecord:
         now = time.time()
         with self._lock, self._db:
             self._db.execute("BEGIN")
@@ -206,4 +157,4 @@ _COLUMNS = "id, state, spec, images_done, detail, warnings, created_at, updated_
 
 def _record(row: tuple) -> JobRecord:
     job_id, state, spec, done, detail, warnings, created, updated, finished = row
-    return JobRecord(job_id, state, JobSpec.from_json(spec), done, detail, tuple(json.loads(warnings)), created, updated, finished)
+    return JobRecord(job_id, state, BatchSpec.from_json(spec), done, detail, tuple(json.loads(warnings)), created, updated, finished)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service.job_db import JobSpec
+from contract.batch import BatchSpec
 from service.jobs import JobEnded, JobEvent, ShardStored
 from service.keys import SETTINGS
 
@@ -66,7 +66,7 @@ def image_links(request: web.Request, image_ids: list[str]) -> list[bytes]:
     return [image_url(base, image_id).encode() for image_id in image_ids]
 
 
-def success_fields(job_id: str, spec: JobSpec, warnings: list[str]) -> dict[str, object]:
+def success_fields(job_id: str, spec: BatchSpec, warnings: list[str]) -> dict[str, object]:
     """Everything of a success body but the images: the same for /generate and /jobs/{id}."""
     return {
         "count": spec.total_images,

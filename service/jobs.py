@@ -17,10 +17,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from contract.batch import BatchSpec
+from contract.failures import RequestFailed
 from gpu_workers.backend import RequestEvents, ShardBackend
-from gpu_workers.ledger import Drained, RequestFailed
+from gpu_workers.ledger import Drained
 from gpu_workers.messages import ShardDone, ShardTask
 from gpu_workers.sharding import split_into_shards
+from service.errors import status_for
 from service.image_store import ImageStore
 from service.job_db import (
     CANCELLED,
@@ -30,7 +33,6 @@ from service.job_db import (
     RUNNING,
     JobDatabase,
     JobRecord,
-    JobSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ class LiveJob:
     """A job that runs in this process now."""
 
     job_id: str
-    spec: JobSpec
+    spec: BatchSpec
     images_done: int
     created_at: float
     state: str = QUEUED
@@ -109,7 +111,7 @@ class JobManager:
             job.warnings.update(dict.fromkeys(record.warnings))
             shards = [
                 shard
-                for shard in split_into_shards(record.spec.request(record.job_id), record.spec.shard_size)
+                for shard in split_into_shards(record.job_id, record.spec)
                 if shard.first_index not in done
             ]
             log.info("job %s resumes: %d of %d image(s) done, %d shard(s) to run", record.job_id, len(done), record.images_total, len(shards))
@@ -144,12 +146,12 @@ class JobManager:
     def running_jobs(self) -> int:
         return len(self._live)
 
-    async def create(self, job_id: str, spec: JobSpec) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
+    async def create(self, job_id: str, spec: BatchSpec) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
         """Record the job, then queue all its shards; the caller listens from the first event."""
         record = await asyncio.to_thread(self.db.create, job_id, spec)
         job = LiveJob(job_id, spec, 0, record.created_at)
         listener = job.listen()
-        self._run(job, split_into_shards(spec.request(job_id), spec.shard_size))
+        self._run(job, split_into_shards(job_id, spec))
         return job, listener
 
     async def record(self, job_id: str) -> JobRecord | None:
@@ -176,7 +178,7 @@ class JobManager:
     def _run(self, job: LiveJob, shards: list[ShardTask]) -> None:
         self._live[job.job_id] = job
         self._idle.clear()
-        handle = self.pool.submit(job.spec.request(job.job_id), shards) if shards else None
+        handle = self.pool.submit(job.job_id, shards) if shards else None
         job.task = asyncio.create_task(self._follow(job, handle), name=f"job-{job.job_id}")
 
     async def _follow(self, job: LiveJob, handle: RequestEvents | None) -> None:
@@ -213,7 +215,7 @@ class JobManager:
         while True:
             event = await handle.events.get()
             if isinstance(event, RequestFailed):
-                return JobEnded(FAILED, event.detail, status=event.status)
+                return JobEnded(FAILED, event.detail, status=status_for(event.reason))
             if isinstance(event, Drained):
                 return JobEnded(CANCELLED, CANCELLED_DETAIL)
             first = first_index[event.shard_id]

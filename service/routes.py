@@ -18,7 +18,7 @@ from service.errors import json_error
 from service.job_db import CANCELLED, DONE
 from service.job_listening import follow, image_links, success_fields
 from service.jobs import JobEnded, JobEvent, LiveJob, ShardStored
-from service.keys import CUDA, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
+from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.ndjson import NDJSON_CONTENT_TYPE, stream_progress, wants_ndjson
 from service.streaming import HeartbeatResponse, write_failure_body, write_images_body
 
@@ -56,8 +56,10 @@ async def root(request: web.Request) -> web.Response:
 )
 async def health(request: web.Request) -> web.Response:
     pool = request.app[POOL]
-    cuda = request.app[CUDA]
     workers = pool.snapshot()
+    # From the workers themselves (the API process never imports torch): the first CUDA worker's
+    # device name, once it has reported ready.
+    cuda_workers = [w for w in workers if "cuda" in w.device]
     lifecycle = request.app[LIFECYCLE]
     healthy = pool.ready_workers > 0 and not lifecycle.draining
     body = {
@@ -65,8 +67,8 @@ async def health(request: web.Request) -> web.Response:
         "draining": lifecycle.draining,
         "active_requests": lifecycle.active_requests,
         "active_jobs": request.app[JOBS].running_jobs,
-        "cuda_available": cuda.available,
-        "cuda_device": cuda.device_name,
+        "cuda_available": bool(cuda_workers),
+        "cuda_device": next((w.device_name for w in cuda_workers if w.device_name), None),
         "model": pool.config.model,
         "queued_images": pool.queued_images,
         "problem": pool.problem,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gpu_workers.flag_settings import build_parser as build_settings_parser
 from gpu_workers.flag_settings import flag, parse, setting
+from gpu_workers.shard_rules import DEFAULT_SHARD_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Settings:
     workers: int = setting(1, "number of CPU workers where there is no CUDA device; 0 with --broker: an API box with no local workers")
     cpu_threads: int = setting(1, "torch threads per CPU worker (changes the bytes, so it is fixed, not derived)")
     max_batch: int = setting(4, "most images per shard, the batch a worker runs at once")
+    shard_timeout: float = setting(
+        DEFAULT_SHARD_TIMEOUT, "seconds a shard may run on a device; past it the worker is replaced and the shard retried once elsewhere"
+    )
     max_images: int = setting(150, "most images per request (prompts x num_images_per_prompt)")
     max_prompt_chars: int = setting(2000, "longest prompt, in characters")
     max_queued_images: int = setting(600, "most images accepted and not finished; beyond it requests get 503")
@@ -110,6 +114,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("with --broker, run the workers with python -m gpu_workers --broker URL and start the API with --workers 0")
     if settings.grace_period < 0:
         problems.append("--grace-period must not be negative")
+    if settings.shard_timeout <= 0:
+        problems.append("--shard-timeout must be positive")
     if settings.heartbeat_interval <= 0:
         problems.append("--heartbeat-interval must be positive")
     if settings.api_key_file:

@@ -67,6 +67,23 @@ class OutOfMemoryAboveOne:
         return self._pipe(prompt=prompt, **kwargs)
 
 
+HANG = "HANG"
+
+
+class HangOnMarker(FailOnMarker):
+    """A prompt containing HANG never returns, like a stuck kernel or a deadlock would."""
+
+    def __call__(self, prompt: list[str], **kwargs: Any) -> Any:
+        if any(HANG in p for p in prompt):
+            while True:
+                time.sleep(60)
+        return super().__call__(prompt, **kwargs)
+
+
+def hanging_tiny(device: str, model_cache: Path) -> HangOnMarker:
+    return HangOnMarker(load_pipeline("tiny", device, model_cache))
+
+
 def crashing_tiny(device: str, model_cache: Path) -> CrashOnMarker:
     return CrashOnMarker(load_pipeline("tiny", device, model_cache))
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from tests.pipelines import CRASH, HUGE
+from tests.pipelines import CRASH, HANG, HUGE
 from tests.server_process import ServerProcess
 
 
@@ -90,6 +90,53 @@ def test_poison_shard_fails_only_its_own_request(crashing: ServerProcess) -> Non
 
 
 # ----- out of memory ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hanging(start_server) -> ServerProcess:
+    return start_server("--model", "tests.pipelines:hanging_tiny", "--workers", "2", "--max-batch", "1", "--shard-timeout", "3")
+
+
+def test_a_hung_shard_is_retried_once_then_fails_only_its_own_request(hanging: ServerProcess) -> None:
+    """A pipeline that never returns: the worker is replaced after --shard-timeout, the shard is
+    retried once on another worker, then its request fails with a detail that says so; a request
+    running beside it gets every image, and /health shows what happened."""
+    seen: list[dict] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            try:
+                seen.append(requests.get(hanging.url + "/health", timeout=5).json())
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    innocent = in_background(post, hanging, {"prompts": [f"fine {i}" for i in range(6)], "seed": 1})
+    started = time.monotonic()
+    stuck = post(hanging, {"prompts": [f"{HANG} forever"]})
+    took = time.monotonic() - started
+    innocent["thread"].join(180)
+    watching.set()
+    watcher.join(10)
+    body = stuck.json()
+    if stuck.status_code == 200:  # heartbeats may have started before the second timeout
+        assert body["success"] is False
+    else:
+        assert stuck.status_code == 500
+    assert "ran past the shard timeout on 2 workers" in body["detail"] and "3 s" in body["detail"]
+    assert took < 90, f"the hung request took {took:.0f} s to end"
+    good = innocent["result"].json()
+    assert good["success"] is True and good["count"] == 6
+    rows = [w for h in seen for w in h["workers"]]
+    assert any(w["state"] in ("stalled", "dead") and "shard timeout" in (w["error"] or "") for w in rows), "/health showed the replacement"
+    health = hanging.wait_for(lambda h: all(w["state"] in ("ready", "busy") for w in h["workers"]), what="recovery")
+    assert sum(w["restarts"] for w in health["workers"]) == 2
+    assert all(w["error"] is None for w in health["workers"])
+    assert "ran past the shard timeout" in hanging.log()
+    assert post(hanging, {"prompts": ["after the hang"]}).json()["success"] is True
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ import sqlite3
 from pathlib import Path
 
 from gpu_workers.sharding import split_into_shards
-from service.job_db import CANCELLED, DONE, QUEUED, RUNNING, JobDatabase, JobSpec
+from contract.batch import BatchSpec
+from service.job_db import CANCELLED, DONE, QUEUED, RUNNING, JobDatabase
 
-SPEC = JobSpec(
+SPEC = BatchSpec(
     prompts=("a lighthouse", "a storm"),
     num_images_per_prompt=3,
     seed=2**32 - 2,
@@ -27,7 +28,8 @@ def test_spec_survives_the_database_and_cuts_the_same_shards(tmp_path: Path) -> 
     record = reopened.get("job1")
     assert record is not None and record.spec == SPEC and record.state == QUEUED
     assert record.spec.seeds == (2**32 - 2, 2**32 - 1, 0, 1, 2, 3)
-    assert split_into_shards(record.spec.request("job1"), record.spec.shard_size) == split_into_shards(SPEC.request("job1"), 4)
+    assert split_into_shards("job1", record.spec) == split_into_shards("job1", SPEC)
+    assert [s.size for s in split_into_shards("job1", record.spec)] == [4, 2]
 
 
 def test_shards_are_recorded_once_and_the_state_moves_forward_only(tmp_path: Path) -> None:

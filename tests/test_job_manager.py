@@ -8,7 +8,8 @@ from pathlib import Path
 from gpu_workers.ledger import RequestLedger
 from gpu_workers.messages import ShardDone
 from service.image_store import ImageStore
-from service.job_db import DONE, JobDatabase, JobSpec
+from contract.batch import BatchSpec
+from service.job_db import DONE, JobDatabase
 from service.jobs import JobEnded, JobManager, ShardStored
 
 
@@ -18,8 +19,8 @@ class ScriptedBackend:
     def __init__(self) -> None:
         self.ledger = RequestLedger()
 
-    def submit(self, request, shards=None):
-        return self.ledger.add(request, shards)
+    def submit(self, request_id, shards):
+        return self.ledger.add(request_id, shards)
 
     def abandon(self, request_id: str) -> None:
         self.ledger.abandon(request_id)
@@ -28,7 +29,7 @@ class ScriptedBackend:
 async def test_results_that_arrive_together_are_all_stored_before_the_job_ends(tmp_path: Path) -> None:
     backend = ScriptedBackend()
     jobs = JobManager(JobDatabase(tmp_path / "jobs.sqlite3"), ImageStore(tmp_path / "images", 3600), backend)
-    spec = JobSpec(("a", "b", "c"), 1, 7, None, 0.0, "base64", shard_size=1)
+    spec = BatchSpec(("a", "b", "c"), 1, 7, None, 0.0, "base64", shard_size=1)
     job, listener = await jobs.create("job1", spec)
     handle = backend.ledger.requests["job1"]
     # All three results arrive at once (a result stream read 16 at a time): the ledger marks every

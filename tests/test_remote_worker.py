@@ -30,9 +30,9 @@ from redis.retry import Retry
 
 from gpu_workers import wire
 from gpu_workers.messages import ShardDone, ShardFailed, ShardStarted, ShardTask
+from gpu_workers.shard_rules import MAX_SHARD_LOSSES
 from gpu_workers.redis_protocol import (
     GROUP,
-    MAX_SHARD_KILLS,
     MESSAGE_FIELD,
     MODEL_FIELD,
     PROTOCOL,
@@ -293,7 +293,7 @@ def test_shard_of_a_dead_worker_is_taken_over(api: redis.Redis, worker: Worker) 
     assert "took over shard" in worker.log()
 
 
-# ----- (d) a shard whose holders died MAX_SHARD_KILLS times is failed, not run again -------------
+# ----- (d) a shard that lost MAX_SHARD_LOSSES holders is failed, not run again -------------------
 
 
 def test_shard_that_killed_its_holders_fails(api: redis.Redis, worker: Worker) -> None:
@@ -302,14 +302,14 @@ def test_shard_that_killed_its_holders_fails(api: redis.Redis, worker: Worker) -
     entry_id = _deliver_to_ghost(api, _fields(task, reply_to))
     # A second holder takes it over and dies too: two deliveries, two dead holders.
     api.xclaim(KEYS.shards, GROUP, "ghost-2", min_idle_time=0, message_ids=[entry_id])
-    assert _delivered(api, entry_id) == (b"ghost-2", MAX_SHARD_KILLS)
+    assert _delivered(api, entry_id) == (b"ghost-2", MAX_SHARD_LOSSES)
 
     [failed] = _results(api, reply_to, 1)
     assert isinstance(failed, ShardFailed), failed
     assert (failed.request_id, failed.shard_id) == (task.request_id, 3)
     assert failed.error == (
-        f"Image generation failed: images 8-9 were held by {MAX_SHARD_KILLS} workers that died or stalled; "
-        "the rest of the server is unaffected."
+        f"Image generation failed: images 8-9 crashed {MAX_SHARD_LOSSES} workers (the workers holding them died, "
+        "stalled or ran past the shard timeout); the rest of the server is unaffected."
     )
     _wait_until(lambda: _gone(api, entry_id), 5, "the failed shard to be acknowledged")
     assert api.xlen(reply_to) == 1, "a ShardStarted was sent for a shard that never ran"

@@ -104,6 +104,17 @@ def test_two_remote_workers_give_every_image_byte_identical_to_the_local_pool(ap
     assert len({w["pid"] for w in health["workers"]}) == 2
 
 
+def test_an_api_box_without_local_workers_never_loads_torch(api: ServerProcess) -> None:
+    """The API process of ``--workers 0 --broker`` serves requests (the test above) without the
+    ~1 GB of torch and CUDA libraries it would never use: none of them is mapped into it."""
+    assert api.process is not None
+    maps = Path(f"/proc/{api.process.pid}/maps").read_text()
+    assert "python" in maps, "the maps of the API process itself"
+    assert "libtorch" not in maps and "torch/_C" not in maps
+    health = requests.get(api.url + "/health", timeout=10).json()
+    assert health["cuda_available"] is False and health["cuda_device"] is None  # CPU workers, told by the workers
+
+
 def test_a_worker_killed_mid_request_loses_nothing(api: ServerProcess, server: ServerProcess, remote) -> None:
     local = post(server, REQUEST).json()
     call = in_background(post, api, REQUEST)

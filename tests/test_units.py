@@ -10,15 +10,17 @@ import pytest
 from marshmallow import ValidationError
 
 from gpu_workers.shard_queue import ShardQueue
-from gpu_workers.sharding import GenerationRequest, split_into_shards
+from contract.batch import BatchSpec
+from gpu_workers.sharding import split_into_shards
 from schemas.generate import GenerateRequestSchema
 from service.errors import describe_validation_error
 from service.image_store import ImageStore
 from service.settings import load_settings
 
 
-def make_request(request_id: str = "r", prompts: int = 3, per_prompt: int = 2, seed: int = 10) -> GenerationRequest:
-    return GenerationRequest(request_id, tuple(f"p{i}" for i in range(prompts)), per_prompt, seed, None, 0.0)
+def shards_of(request_id: str = "r", prompts: int = 3, per_prompt: int = 2, seed: int = 10, max_batch: int = 4) -> list:
+    spec = BatchSpec(tuple(f"p{i}" for i in range(prompts)), per_prompt, seed, None, 0.0, "base64", shard_size=max_batch)
+    return split_into_shards(request_id, spec)
 
 
 def test_flag_beats_environment_beats_default() -> None:
@@ -38,7 +40,7 @@ def test_bad_settings_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_shards_are_contiguous_prompt_major_slices() -> None:
-    shards = split_into_shards(make_request(prompts=3, per_prompt=2, seed=2**32 - 2), max_batch=4)
+    shards = shards_of(prompts=3, per_prompt=2, seed=2**32 - 2, max_batch=4)
     assert [s.size for s in shards] == [4, 2]
     assert shards[0].prompts == ("p0", "p0", "p1", "p1")
     assert shards[1].prompts == ("p2", "p2")
@@ -48,8 +50,8 @@ def test_shards_are_contiguous_prompt_major_slices() -> None:
 
 def test_shard_queue_takes_turns_between_requests() -> None:
     queue = ShardQueue()
-    queue.add(split_into_shards(make_request("big", prompts=6, per_prompt=1), 1))
-    queue.add(split_into_shards(make_request("small", prompts=1, per_prompt=1), 1))
+    queue.add(shards_of("big", prompts=6, per_prompt=1, max_batch=1))
+    queue.add(shards_of("small", prompts=1, per_prompt=1, max_batch=1))
     assert queue.images == 7
     order = [queue.pop().request_id for _ in range(3)]
     assert order == ["big", "small", "big"]
@@ -58,9 +60,9 @@ def test_shard_queue_takes_turns_between_requests() -> None:
 
 def test_handed_back_shard_goes_first_and_drop_forgets_a_request() -> None:
     queue = ShardQueue()
-    first, second = split_into_shards(make_request("a", prompts=2, per_prompt=1), 1)
+    first, second = shards_of("a", prompts=2, per_prompt=1, max_batch=1)
     queue.add([second])
-    queue.add(split_into_shards(make_request("b", prompts=1, per_prompt=1), 1))
+    queue.add(shards_of("b", prompts=1, per_prompt=1, max_batch=1))
     queue.put_front(first)
     assert queue.pop() is first
     assert queue.drop("b") == 1
@@ -91,15 +93,19 @@ def test_image_store_round_trip_and_path_safety(tmp_path: Path) -> None:
     assert store.path_for(image_id) is None
 
 
-def test_the_local_pool_fits_the_seam_the_service_uses() -> None:
+@pytest.mark.parametrize("transport", ["local", "redis"])
+def test_the_scheduler_fits_the_seam_the_service_uses_over_either_transport(transport: str) -> None:
     import inspect
 
     from gpu_workers.backend import ShardBackend
-    from gpu_workers.pool import PoolConfig, WorkerPool
+    from gpu_workers.pool import local_workers
+    from gpu_workers.redis_broker import redis_workers
+    from gpu_workers.scheduler import EngineConfig, Scheduler
 
-    pool = WorkerPool(PoolConfig(devices=("cpu",), model="tiny", model_cache="/nonexistent"))
-    assert isinstance(pool, ShardBackend)
+    config = EngineConfig(devices=("cpu",), model="tiny", model_cache="/nonexistent")
+    engine = local_workers(config) if transport == "local" else redis_workers(config, "redis://127.0.0.1:1/0", "sdxl")
+    assert isinstance(engine, ShardBackend) and isinstance(engine, Scheduler)
     for name, member in vars(ShardBackend).items():
         if inspect.isfunction(member) and not name.startswith("_"):
             expected = list(inspect.signature(member).parameters)
-            assert list(inspect.signature(getattr(WorkerPool, name)).parameters) == expected, name
+            assert list(inspect.signature(getattr(Scheduler, name)).parameters) == expected, name

@@ -70,7 +70,7 @@ def pack(obj: object) -> bytes:
 
 
 def ready_with(**changes: object) -> bytes:
-    fields = {"worker_id": 1, "pid": 2, "device": "cpu", "model": "tiny", "load_seconds": 1.5}
+    fields = {"worker_id": 1, "pid": 2, "device": "cpu", "model": "tiny", "load_seconds": 1.5, "device_name": "cpu"}
     fields.update(changes)
     return pack(envelope("WorkerReady", fields))
 

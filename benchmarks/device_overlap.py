@@ -1,0 +1,367 @@
+"""Does the server keep the GPU busy? Measured on a CPU box against a simulated device.
+
+At GPU speed (~100 ms an image) a worker that encodes its PNGs after each shard, before taking the
+next, leaves the device idle for the encoding (40-70 ms a picture): about a third of its time
+(DESIGN.md sections 3 and 6). Whether the worker overlaps host work with the device is a property
+of the host side alone, so this script measures it without a GPU: the real server
+(``python -m service``, started with ``benchmarks.soak.OwnServer``) runs the pipeline of
+``benchmarks.simulated_device``, which sleeps for the device time and logs every device interval
+to a trace file, with the system-wide monotonic clock the client uses too.
+
+For each configuration the script starts a server (``--model benchmarks.simulated_device:factory
+--workers N --max-batch 4 --heartbeat-interval 1``), waits for every worker, sends one warm request
+(4 images, not counted), empties the trace, then sends one ``POST /generate`` of ``--images``
+images (4 per prompt, ``return_format: url``, a fixed seed) and reads the whole answer. From the
+trace, per worker: busy = the union of its device intervals, span = its first interval start to
+its last interval end; **device busy %** = busy / span (per worker, and their mean). The request's
+wall time (sent to last byte) gives images/s, against the ideal N * 1000 / ms-per-image; "of wall"
+is busy / (N * wall), which also charges the request's lead-in (first byte to first device start)
+and tail (last device end to last response byte).
+
+    .venv/bin/python -m benchmarks.device_overlap [--configs a,b,c] [--images 48] [--repeats 1] [--json PATH]
+
+Configurations: (a) 1 worker at 100 ms/image (the goal: >= 90% busy), (b) 1 worker at 50 ms/image
+(encoding weighs twice as much), (c) 2 workers at 100 ms/image (on a 2-core box the two workers'
+encoding and the API process share the cores: the load average is printed with the results).
+With ``--repeats`` above 1 each figure is the median over the repeats. About a minute on a 2-core
+machine. Exit status 0 when configuration (a) was >= 90% busy (or was not run), 1 otherwise or when
+a request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import requests
+
+from benchmarks.scale_out import ready_rows, wait_health
+from benchmarks.server_overhead import PROMPTS, batch_body, load_line, machine_description, post_generate
+from benchmarks.simulated_device import MS_PER_IMAGE_ENV, TRACE_ENV
+from benchmarks.soak import OwnServer
+
+MODEL = "benchmarks.simulated_device:factory"
+MAX_BATCH = 4
+PER_PROMPT = 4
+WARM_IMAGES = 4
+HEARTBEAT_INTERVAL_S = 1.0
+SEED = 1234
+GOAL_CONFIG = "a"
+GOAL_BUSY = 0.90
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    workers: int
+    ms_per_image: float
+
+    @property
+    def ideal_images_per_s(self) -> float:
+        return self.workers * 1000 / self.ms_per_image
+
+    def describe(self) -> str:
+        return f"({self.name}) {self.workers} worker(s) at {self.ms_per_image:g} ms/image"
+
+
+CONFIGS = {c.name: c for c in (Config("a", 1, 100.0), Config("b", 1, 50.0), Config("c", 2, 100.0))}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One pipeline call's device time, as the simulated device traced it."""
+
+    pid: int
+    start: float
+    end: float
+    images: int
+
+
+@dataclass(frozen=True)
+class WorkerFigures:
+    pid: int
+    calls: int
+    images: int
+    busy_s: float
+    span_s: float
+
+    @property
+    def busy(self) -> float:
+        """Busy over span; a worker that got no work was not kept busy at all."""
+        return self.busy_s / self.span_s if self.span_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """One counted request: the client's clock and every worker's device intervals."""
+
+    wall_s: float
+    images: int
+    device_images: int
+    lead_s: float  # request sent -> first device interval starts
+    tail_s: float  # last device interval ends -> last byte of the answer
+    workers: tuple[WorkerFigures, ...]
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s
+
+    @property
+    def mean_busy(self) -> float:
+        return statistics.fmean(w.busy for w in self.workers)
+
+    @property
+    def busy_of_wall(self) -> float:
+        return sum(w.busy_s for w in self.workers) / (len(self.workers) * self.wall_s)
+
+
+@dataclass(frozen=True)
+class Result:
+    config: Config
+    runs: tuple[Run, ...]
+    load_average: tuple[float, float, float]
+
+    def median(self, figure: str) -> float:
+        return statistics.median(getattr(run, figure) for run in self.runs)
+
+    @property
+    def typical(self) -> Run:
+        """The run whose mean busy is the median: its per-worker figures go in the table."""
+        ordered = sorted(self.runs, key=lambda run: run.mean_busy)
+        return ordered[(len(ordered) - 1) // 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# The trace
+
+
+def read_trace(path: Path) -> list[Interval]:
+    if not path.exists():
+        return []
+    return [Interval(int(pid), float(start), float(end), int(images)) for pid, start, end, images in (line.split() for line in path.read_text().splitlines())]
+
+
+def union_seconds(intervals: Iterable[Interval]) -> float:
+    """Total time covered by the intervals, overlaps counted once."""
+    total, reach = 0.0, float("-inf")
+    for interval in sorted(intervals, key=lambda i: i.start):
+        if interval.end > reach:
+            total += interval.end - max(interval.start, reach)
+            reach = interval.end
+    return total
+
+
+def worker_figures(intervals: Sequence[Interval], pids: Iterable[int]) -> tuple[WorkerFigures, ...]:
+    """Per worker of the server, including those the trace never saw (they count as 0% busy)."""
+    by_pid: dict[int, list[Interval]] = defaultdict(list)
+    for interval in intervals:
+        by_pid[interval.pid].append(interval)
+    figures = []
+    for pid in sorted(set(pids) | set(by_pid)):
+        own = by_pid.get(pid, [])
+        span = max((i.end for i in own), default=0.0) - min((i.start for i in own), default=0.0)
+        figures.append(WorkerFigures(pid, len(own), sum(i.images for i in own), union_seconds(own), span))
+    return tuple(figures)
+
+
+# --------------------------------------------------------------------------------------------------
+# The server and the request
+
+
+def prompts(images: int) -> list[str]:
+    return [f"{PROMPTS[i % len(PROMPTS)]}, study {i + 1}" for i in range(images // PER_PROMPT)]
+
+
+def generate(url: str, images: int) -> tuple[float, float]:
+    """POST /generate and read the whole answer; (sent, ended) on the monotonic clock."""
+    reply = post_generate(url, batch_body(prompts(images), PER_PROMPT, SEED, "url"), keep_body=True)
+    body = json.loads(reply.body or b"{}")
+    if reply.status != 200 or body.get("success") is not True or body.get("count") != images:
+        raise RuntimeError(f"POST /generate of {images} images: HTTP {reply.status}, {str(body.get('detail', body))[:300]}")
+    return reply.sent, reply.ended
+
+
+def measure_once(server: OwnServer, trace: Path, images: int, pids: Sequence[int]) -> Run:
+    trace.write_bytes(b"")  # the workers append with O_APPEND: truncating between requests is safe
+    sent, ended = generate(server.url, images)
+    intervals = read_trace(trace)
+    if not intervals:
+        raise RuntimeError(f"the trace {trace} is empty: is {MODEL} the server's model?")
+    return Run(
+        wall_s=ended - sent,
+        images=images,
+        device_images=sum(i.images for i in intervals),
+        lead_s=min(i.start for i in intervals) - sent,
+        tail_s=ended - max(i.end for i in intervals),
+        workers=worker_figures(intervals, pids),
+    )
+
+
+def make_server(config: Config, model_cache: str) -> tuple[OwnServer, Path]:
+    """The server on the simulated device (not started yet) and its trace file."""
+    server = OwnServer(config.workers, MAX_BATCH, model_cache)
+    server.args[server.args.index("--model") + 1] = MODEL
+    server.args += ["--heartbeat-interval", str(HEARTBEAT_INTERVAL_S)]
+    return server, server.workdir / "device.trace"
+
+
+def start_server(server: OwnServer, config: Config, trace: Path) -> list[int]:
+    """Start with the simulated device's variables and wait for every worker; the worker pids."""
+    print(f"   $ {MS_PER_IMAGE_ENV}={config.ms_per_image:g} {TRACE_ENV}={trace} python {' '.join(server.args[1:])}", flush=True)
+    with mock.patch.dict(os.environ, {MS_PER_IMAGE_ENV: str(config.ms_per_image), TRACE_ENV: str(trace)}):
+        server.start()
+    with requests.Session() as session:
+        health = wait_health(session, server.url, lambda h: len(ready_rows(h)) == config.workers, f"{config.workers} worker(s) ready")
+    return [int(row["pid"]) for row in ready_rows(health)]
+
+
+def stop_server(server: OwnServer, keep_log: bool) -> None:
+    code = server.stop()
+    server.remove_images()
+    if code != 0:
+        print(f"   server exited with {code}; log kept at {server.log_path}", flush=True)
+    elif keep_log:
+        print(f"   server log kept at {server.log_path}", flush=True)
+    else:
+        shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+def run_config(config: Config, args: argparse.Namespace) -> Result:
+    print(f"\n== {config.describe()} ==", flush=True)
+    server, trace = make_server(config, args.model_cache)
+    try:
+        pids = start_server(server, config, trace)
+        generate(server.url, WARM_IMAGES)  # first-request paths; not counted
+        runs = []
+        for repeat in range(args.repeats):
+            run = measure_once(server, trace, args.images, pids)
+            runs.append(run)
+            per_worker = ", ".join(f"{w.busy:.0%} ({w.images} img)" for w in run.workers)
+            print(
+                f"   run {repeat + 1}: {run.images} images in {run.wall_s:.2f} s = {run.images_per_s:.2f} images/s; "
+                f"device busy {run.mean_busy:.1%} [{per_worker}]; lead {1000 * run.lead_s:.0f} ms, tail {1000 * run.tail_s:.0f} ms",
+                flush=True,
+            )
+            if run.device_images != run.images:
+                print(f"   warning: the device ran {run.device_images} images for {run.images} requested", flush=True)
+    finally:
+        stop_server(server, args.keep_logs)
+    return Result(config, tuple(runs), os.getloadavg())
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def table(results: Sequence[Result]) -> str:
+    rows = [
+        "| config | workers | ms/image | images | wall s | images/s | ideal images/s | device busy % (mean) | per worker | of wall % | lead ms | tail ms | load 1 min |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for result in results:
+        config, typical = result.config, result.typical
+        per_worker = " / ".join(f"{w.busy:.1%}" for w in typical.workers)
+        rows.append(
+            f"| {config.name} | {config.workers} | {config.ms_per_image:g} | {typical.images} | {result.median('wall_s'):.2f} | "
+            f"{result.median('images_per_s'):.2f} | {config.ideal_images_per_s:.2f} | {result.median('mean_busy'):.1%} | {per_worker} | "
+            f"{result.median('busy_of_wall'):.1%} | {1000 * result.median('lead_s'):.0f} | {1000 * result.median('tail_s'):.0f} | "
+            f"{result.load_average[0]:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def as_json(results: Sequence[Result], args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    def run_json(run: Run) -> dict[str, Any]:
+        workers = [{**asdict(w), "busy": w.busy} for w in run.workers]
+        return {**asdict(run), "workers": workers, "images_per_s": run.images_per_s, "mean_busy": run.mean_busy, "busy_of_wall": run.busy_of_wall}
+
+    return {
+        "machine": machine_description(),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.device_overlap", *sys.argv[1:]]),
+        "images": args.images,
+        "max_batch": MAX_BATCH,
+        "seconds": seconds,
+        "goal": {"config": GOAL_CONFIG, "busy": GOAL_BUSY},
+        "configs": [
+            {
+                **asdict(r.config),
+                "ideal_images_per_s": r.config.ideal_images_per_s,
+                "median": {f: r.median(f) for f in ("mean_busy", "images_per_s", "wall_s", "busy_of_wall", "lead_s", "tail_s")},
+                "load_average": r.load_average,
+                "runs": [run_json(run) for run in r.runs],
+            }
+            for r in results
+        ],
+    }
+
+
+def verdict(results: Sequence[Result]) -> bool:
+    goal = next((r for r in results if r.config.name == GOAL_CONFIG), None)
+    if goal is None:
+        print(f"\ngoal not checked: configuration {GOAL_CONFIG} was not run")
+        return True
+    busy = goal.median("mean_busy")
+    ok = busy >= GOAL_BUSY
+    print(f"\n{'PASS' if ok else 'MISS'}  {goal.config.describe()}: device busy {busy:.1%}, goal >= {GOAL_BUSY:.0%}")
+    return ok
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="How busy the server keeps a (simulated) GPU.")
+    parser.add_argument("--configs", default="a,b,c", help="comma-separated: a (1 worker, 100 ms/image), b (1, 50), c (2, 100)")
+    parser.add_argument("--images", type=int, default=48, help=f"images of the measured request ({PER_PROMPT} per prompt)")
+    parser.add_argument("--repeats", type=int, default=1, help="measured requests per configuration (figures are medians)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--keep-logs", action="store_true", help="keep each server's temp dir (its log and trace)")
+    parser.add_argument(
+        "--model-cache", default=str(Path.home() / ".cache" / "sdxl-lightning-server"), help="--model-cache of the servers (unused by the simulated device)"
+    )
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.configs.split(",") if name.strip()]
+    if not names or any(name not in CONFIGS for name in names):
+        parser.error(f"--configs takes names from {', '.join(CONFIGS)}")
+    if args.images <= 0 or args.images % PER_PROMPT:
+        parser.error(f"--images must be a positive multiple of {PER_PROMPT}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    args.configs = [CONFIGS[name] for name in dict.fromkeys(names)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    print("== device overlap: the server on a simulated device (benchmarks.simulated_device) ==")
+    print(f"   machine: {machine_description()}")
+    print(f"   at start: {load_line()}", flush=True)
+    try:
+        results = [run_config(config, args) for config in args.configs]
+    except RuntimeError as exc:
+        print(f"\nfailed: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.monotonic() - began
+    print(f"\n{table(results)}\n")
+    print(f"{args.images} images per request ({PER_PROMPT} per prompt), --max-batch {MAX_BATCH}, url answers; "
+          f"medians of {args.repeats} run(s); {seconds:.0f} s in all; at the end: {load_line()}")
+    if args.json:
+        args.json.write_text(json.dumps(as_json(results, args, seconds), indent=2) + "\n")
+        print(f"JSON written to {args.json}")
+    return 0 if verdict(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.debian_packages import apt_install
+from tests.debian_packages import PROBLEMS, install_missing
 from tests.redis_server import RedisServer
 from tests.server_process import ServerProcess, port_is_free
 
 REFERENCE_PORT = 8000
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Debian packages first, before any module is collected (see ``tests/debian_packages.py``)."""
+    install_missing()
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +48,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) ->
 def redis_server() -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port (Debian's package, installed when missing)."""
     if shutil.which("redis-server") is None:
-        problem = apt_install("redis-server")
-        if shutil.which("redis-server") is None:
-            pytest.skip(f"redis-server is not installed and cannot be installed here: {problem or 'no binary after the install'}. "
-                        "Install it with `apt-get install -y redis-server` (as .ci/run does)")
+        pytest.skip(PROBLEMS.get("redis-server", "redis-server is not installed"))
     with RedisServer() as server:
         yield server
 

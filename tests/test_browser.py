@@ -7,8 +7,9 @@ example in a real page. Screenshots go to ``test-output/browser/`` (ignored by g
 CI to look at.
 
 Playwright drives the system's Chromium (``executable_path``): a browser download is not possible
-here. Chromium comes from Debian's package ``chromium``: ``.ci/run`` installs it, and so does this
-module when it is missing and the tests run as root; only where neither is possible does it skip.
+here. Chromium comes from Debian's package ``chromium``: ``.ci/run`` installs it, and so does the
+session start of the suite (tests/conftest.py) when it is missing and the tests run as root; only
+where neither is possible does it skip.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 from tests.conftest import REFERENCE_PORT
-from tests.debian_packages import apt_install
+from tests.debian_packages import PROBLEMS
 from tests.server_process import REPO, ServerProcess
 
 SCREENSHOTS = REPO / "test-output" / "browser"
@@ -53,11 +54,7 @@ def _find_chromium() -> str | None:
 def chromium_path() -> str:
     found = _find_chromium()
     if found is None:
-        problem = apt_install("chromium")
-        found = _find_chromium()
-        if found is None:
-            pytest.skip(f"Chromium is not installed and cannot be installed here: {problem or 'no chromium binary after the install'}. "
-                        "Install it with `apt-get install -y chromium` (as .ci/run does)")
+        pytest.skip(PROBLEMS.get("chromium", "Chromium is not installed"))
     return found
 
 

@@ -24,7 +24,7 @@ import requests
 from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
 
-from gpu_workers.pool import WorkerPool
+from gpu_workers.scheduler import Scheduler
 from service.__main__ import FINAL_SHUTDOWN_SECONDS
 from service.settings import Settings
 from tests.server_process import REPO, free_port
@@ -49,7 +49,7 @@ def test_config_restarts_and_outwaits_the_drain_without_root_paths() -> None:
     """The settings that make stop and restart safe, read the way supervisord reads them."""
     options = _load_config()
     program = options.process_group_configs[0].process_configs[0]
-    worker_stop = inspect.signature(WorkerPool.stop).parameters["timeout"].default
+    worker_stop = inspect.signature(Scheduler.stop).parameters["timeout"].default
     drain = Settings().grace_period + FINAL_SHUTDOWN_SECONDS + worker_stop
     assert program.name == PROGRAM
     assert program.stopsignal == signal.SIGTERM

@@ -28,7 +28,6 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gpu_workers.messages import DEFAULT_STEPS  # noqa: F401 - re-exported for callers of the loader
 from gpu_workers.synthetic_model import build_synthetic_pipeline
 from gpu_workers.tiny_model import build_tiny_model
 

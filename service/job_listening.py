@@ -1,6 +1,6 @@
 """How an HTTP handler follows a job: events as they come, a keep-alive when one is due, and a
 check twice a second that its client is still there (a handler whose client left stops at once;
-the job itself goes on)."""
+the job itself goes on). Also where the links of its images point."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from contract.batch import BatchSpec
 from service.jobs import JobEnded, JobEvent, ShardStored
 from service.keys import SETTINGS
 
@@ -48,30 +47,10 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def base_url(request: web.Request, public_url: str) -> str:
+def base_url(request: web.Request) -> str:
     """Where image links point: the configured public URL (a tunnel's), or the request's own host."""
+    public_url = request.app[SETTINGS].public_url
     if public_url:
         return public_url.rstrip("/")
     scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
     return f"{scheme}://{request.host}"
-
-
-def image_url(base: str, image_id: str) -> str:
-    return f"{base}/images/{image_id}.png"
-
-
-def image_links(request: web.Request, image_ids: list[str]) -> list[bytes]:
-    """The links of a url-format answer, as the bytes ``write_images_body`` takes."""
-    base = base_url(request, request.app[SETTINGS].public_url)
-    return [image_url(base, image_id).encode() for image_id in image_ids]
-
-
-def success_fields(job_id: str, spec: BatchSpec, warnings: list[str]) -> dict[str, object]:
-    """Everything of a success body but the images: the same for /generate and /jobs/{id}."""
-    return {
-        "count": spec.total_images,
-        "message": f"Successfully generated {spec.total_images} image(s)",
-        "seeds": list(spec.seeds),
-        "warnings": warnings,
-        "job_id": job_id,
-    }

@@ -19,10 +19,12 @@ from schemas.jobs import JobCreatedSchema, JobStatusSchema
 from service.access_log import REQUEST_ID
 from service.admission import admit
 from service.errors import json_error
+from contract.states import JobState
 from service.job_db import DONE, JobRecord
-from service.job_listening import image_links, success_fields
+from service.job_listening import base_url
+from service.job_result import JobResult
 from service.keys import JOBS, SETTINGS, STORE
-from service.streaming import write_images_body
+from service.streaming import start_json_stream
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +96,17 @@ async def get_job(request: web.Request) -> web.StreamResponse:
             410,
             f"Job {record.job_id} is done, but {missing} of its images were removed to keep the image folder within its disk budget.",
         )
-    images: list[Any] = image_links(request, [ids[index] for index in range(record.images_total)]) if record.spec.as_url else paths
-    response = web.StreamResponse(status=200, headers={"X-Job-Id": record.job_id})
-    response.content_type = "application/json"
-    response.enable_chunked_encoding()
-    await response.prepare(request)
-    await write_images_body(
-        response, images, as_base64=not record.spec.as_url, fields={**success_fields(record.job_id, record.spec, list(record.warnings)), **status}
+    result = JobResult(
+        job_id=record.job_id,
+        spec=record.spec,
+        state=JobState.DONE,
+        images_done=record.images_done,
+        warnings=record.warnings,
+        pngs=tuple(path for path in paths if path is not None),
+        image_ids=tuple(ids[index] for index in range(record.images_total)),
     )
+    response = await start_json_stream(request, {"X-Job-Id": record.job_id})
+    await result.write_body(response, base_url(request), extra=status)
     return response
 
 

@@ -10,14 +10,13 @@ belongs. The status is 200 from the start; a failure is told in the summary line
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from typing import Any
 
 from aiohttp import web
 
-from service.job_db import DONE
-from service.job_listening import base_url, follow, image_url, success_fields
+from service.job_listening import base_url, follow
+from service.job_result import JobResult, image_value
 from service.jobs import JobEvent, LiveJob, ShardStored
 from service.keys import SETTINGS
 
@@ -38,8 +37,9 @@ async def stream_progress(
 ) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     spec = job.spec
-    links = base_url(request, settings.public_url)
+    links = base_url(request)
     seeds = spec.seeds
+    image_field = "url" if spec.as_url else "base64"
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = NDJSON_CONTENT_TYPE
     response.enable_chunked_encoding()
@@ -52,22 +52,13 @@ async def stream_progress(
     async def on_shard(stored: ShardStored) -> None:
         for offset, (png, image_id) in enumerate(zip(stored.pngs, stored.image_ids, strict=True)):
             index = stored.first_index + offset
-            line: dict[str, Any] = {"type": "image", "index": index, "seed": seeds[index]}
-            if spec.as_url:
-                line["url"] = image_url(links, image_id)
-            else:
-                line["base64"] = (await asyncio.to_thread(base64.b64encode, png)).decode()
-            await write_line(response, line)
+            value = await asyncio.to_thread(image_value, spec, png, image_id, links)
+            await write_line(response, {"type": "image", "index": index, "seed": seeds[index], image_field: value.decode()})
 
     async def progress() -> None:
         await write_line(response, {"type": "progress", "images_done": job.images_done, "images_total": spec.total_images})
 
     ended = await follow(request, listener, on_shard, progress, settings.heartbeat_interval)
-    summary: dict[str, Any] = {"type": "summary", "success": ended.state == DONE, "state": ended.state}
-    if ended.state == DONE:
-        summary.update(success_fields(job.job_id, spec, list(job.warnings)))
-    else:
-        summary.update(job_id=job.job_id, detail=ended.detail, images_done=job.images_done, images_total=spec.total_images)
-    await write_line(response, summary)
+    await write_line(response, JobResult.from_live(job, ended, {}).summary_line())
     await response.write_eof()
     return response

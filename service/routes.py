@@ -13,14 +13,14 @@ from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema
 from schemas.health import HealthSchema
 from service import __version__
 from service.access_log import REQUEST_ID
-from service.admission import DRAINING_RETRY_AFTER, admit
+from service.admission import admit
 from service.errors import json_error
-from service.job_db import CANCELLED, DONE
-from service.job_listening import follow, image_links, success_fields
-from service.jobs import JobEnded, JobEvent, LiveJob, ShardStored
+from service.job_listening import base_url, follow
+from service.job_result import JobResult
+from service.jobs import JobEvent, LiveJob, ShardStored
 from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.ndjson import NDJSON_CONTENT_TYPE, stream_progress, wants_ndjson
-from service.streaming import HeartbeatResponse, write_failure_body, write_images_body
+from service.streaming import HeartbeatResponse
 
 log = logging.getLogger(__name__)
 
@@ -173,29 +173,15 @@ async def _answer_with_heartbeats(
             log.info("job %s: the client went away; the job goes on (GET /jobs/%s)", job.job_id, job.job_id)
             return heartbeat.response
         raise
-    if ended.state != DONE:
-        return await _failure(heartbeat, job, ended, headers)
-    shards = [stored[first] for first in sorted(stored)]
-    if job.spec.as_url:
-        images = image_links(request, [image_id for shard in shards for image_id in shard.image_ids])
-    else:
-        images = [png for shard in shards for png in shard.pngs]
+    result = JobResult.from_live(job, ended, stored)
+    if not result.done:
+        log.warning("job %s %s: %s", job.job_id, "interrupted" if ended.interrupted else ended.state, result.failure_detail())
+        if not heartbeat.started:
+            return result.early_failure(headers)
     response = await heartbeat.stream()
-    await write_images_body(response, images, as_base64=not job.spec.as_url, fields=success_fields(job.job_id, job.spec, list(job.warnings)))
-    log.info("job %s answered: %d image(s)", job.job_id, len(images))
-    return response
-
-
-async def _failure(heartbeat: HeartbeatResponse, job: LiveJob, ended: JobEnded, headers: dict[str, str]) -> web.StreamResponse:
-    """A job that did not end done: its true status while the status line is still ours to pick."""
-    detail = ended.detail or f"The job ended {ended.state}."
-    log.warning("job %s %s: %s", job.job_id, "interrupted" if ended.interrupted else ended.state, detail)
-    if not heartbeat.started:
-        status = 409 if ended.state == CANCELLED else ended.status
-        extra = {"Retry-After": DRAINING_RETRY_AFTER} if status == 503 else {}
-        return json_error(status, detail, headers={**headers, **extra}, job_id=job.job_id)
-    response = await heartbeat.stream()
-    await write_failure_body(response, detail, job.job_id)
+    await result.write_body(response, base_url(request))
+    if result.done:
+        log.info("job %s answered: %d image(s)", job.job_id, len(result.pngs))
     return response
 
 

@@ -1,4 +1,5 @@
-"""Heartbeats while a request runs, and a JSON body written in pieces (DESIGN.md section 2).
+"""Heartbeats while a request runs (DESIGN.md section 2); the body that follows is the job's result
+(``service.job_result``).
 
 Tunnels such as ngrok and zrok cut a connection that stays silent too long. Once a request is
 accepted, the status line is held back for at most one heartbeat interval, so a fast success or a
@@ -8,13 +9,6 @@ works unchanged; a failure after that point can only be told in the body (``succ
 """
 
 from __future__ import annotations
-
-import asyncio
-import base64
-import json
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -52,35 +46,3 @@ async def start_json_stream(request: web.Request, headers: dict[str, str]) -> we
     response.enable_chunked_encoding()
     await response.prepare(request)
     return response
-
-
-def _b64(png: bytes | Path) -> bytes:
-    return base64.b64encode(png.read_bytes() if isinstance(png, Path) else png)
-
-
-async def write_images_body(
-    response: web.StreamResponse, images: Sequence[bytes | Path], as_base64: bool, fields: dict[str, Any]
-) -> None:
-    """Write ``{"success": true, "images": [...], **fields}`` one image at a time.
-
-    150 base64 PNGs are some 200 MB: building that as one string would hold it in memory two or
-    three times over. Base64 encoding runs in a thread so the event loop keeps serving.
-    ``images`` holds PNG bytes or files (base64), or URLs already as UTF-8 bytes (url).
-    """
-    loop = asyncio.get_running_loop()
-    await response.write(b'{"success": true, "images": [')
-    for index, image in enumerate(images):
-        text = await loop.run_in_executor(None, _b64, image) if as_base64 else image
-        await response.write(b'"' if index == 0 else b', "')
-        await response.write(text)
-        await response.write(b'"')
-    rest = json.dumps(fields)
-    await response.write(b"], " + rest[1:].encode() if len(fields) else b"]}")
-    await response.write_eof()
-
-
-async def write_failure_body(response: web.StreamResponse, detail: str, job_id: str) -> None:
-    """The late failure: the status line (200) went out with the first heartbeat."""
-    body = {"success": False, "detail": detail, "images": [], "count": 0, "job_id": job_id}
-    await response.write(json.dumps(body).encode())
-    await response.write_eof()

@@ -1,0 +1,125 @@
+"""One job's result, whichever way it is asked for.
+
+A result is built once, from the events a handler followed (``from_live``) or from the job
+database and the image store (``from_record``), and rendered three ways: the ``/generate`` JSON
+body (before or after heartbeats), the summary line of an NDJSON stream, and ``GET /jobs/{id}``.
+So the three answers cannot drift apart: the same images in the same order, the same fields, the
+same failure body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from contract.batch import BatchSpec
+from contract.states import JobState
+from service.admission import DRAINING_RETRY_AFTER
+from service.errors import json_error
+from service.jobs import JobEnded, LiveJob, ShardStored
+
+
+def image_url(base: str, image_id: str) -> str:
+    return f"{base}/images/{image_id}.png"
+
+
+def image_value(spec: BatchSpec, png: bytes | Path, image_id: str, base: str) -> bytes:
+    """One image as the answer carries it: its URL, or its PNG in base64 (both as ASCII bytes)."""
+    if spec.as_url:
+        return image_url(base, image_id).encode()
+    return base64.b64encode(png.read_bytes() if isinstance(png, Path) else png)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    spec: BatchSpec
+    state: JobState
+    images_done: int
+    warnings: tuple[str, ...] = ()
+    detail: str | None = None
+    # For a failure told before the status line went out (503: retrying later can help).
+    status: int = 500
+    # A done job's images in request order: PNG bytes (just made) or stored files, and their ids.
+    pngs: tuple[bytes | Path, ...] = ()
+    image_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def from_live(cls, job: LiveJob, ended: JobEnded, stored: Mapping[int, ShardStored]) -> JobResult:
+        shards = [stored[first] for first in sorted(stored)] if ended.state == JobState.DONE else []
+        return cls(
+            job_id=job.job_id,
+            spec=job.spec,
+            state=JobState(ended.state),
+            images_done=job.images_done,
+            warnings=tuple(job.warnings),
+            detail=ended.detail,
+            status=ended.status,
+            pngs=tuple(png for shard in shards for png in shard.pngs),
+            image_ids=tuple(image_id for shard in shards for image_id in shard.image_ids),
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.state == JobState.DONE
+
+    def success_fields(self) -> dict[str, Any]:
+        """Everything of a success body but the images."""
+        total = self.spec.total_images
+        return {
+            "count": total,
+            "message": f"Successfully generated {total} image(s)",
+            "seeds": list(self.spec.seeds),
+            "warnings": list(self.warnings),
+            "job_id": self.job_id,
+        }
+
+    def failure_detail(self) -> str:
+        return self.detail or f"The job ended {self.state}."
+
+    def early_failure(self, headers: Mapping[str, str]) -> web.Response:
+        """The failure with its true status, while the status line is still ours to pick."""
+        status = 409 if self.state == JobState.CANCELLED else self.status
+        extra = {"Retry-After": DRAINING_RETRY_AFTER} if status == 503 else {}
+        return json_error(status, self.failure_detail(), headers={**headers, **extra}, job_id=self.job_id)
+
+    async def write_body(self, response: web.StreamResponse, base: str, extra: Mapping[str, Any] | None = None) -> None:
+        """The JSON body of /generate (and of a done job's GET /jobs/{id}, with its state as ``extra``).
+
+        A done job's body is written image by image: 150 base64 PNGs are some 200 MB, which as one
+        string would sit in memory two or three times over. Base64 runs in a thread, so the event
+        loop keeps serving. A failure after the status line went out is ``success: false``.
+        """
+        if not self.done:
+            body = {"success": False, "detail": self.failure_detail(), "images": [], "count": 0, "job_id": self.job_id}
+            await response.write(json.dumps(body).encode())
+            await response.write_eof()
+            return
+        await response.write(b'{"success": true, "images": [')
+        for index, (png, image_id) in enumerate(zip(self.pngs, self.image_ids, strict=True)):
+            if self.spec.as_url:
+                value = image_value(self.spec, png, image_id, base)
+            else:
+                value = await asyncio.to_thread(image_value, self.spec, png, image_id, base)
+            await response.write(b'"' if index == 0 else b', "')
+            await response.write(value)
+            await response.write(b'"')
+        rest = json.dumps({**self.success_fields(), **(extra or {})})
+        await response.write(b"], " + rest[1:].encode())
+        await response.write_eof()
+
+    def summary_line(self) -> dict[str, Any]:
+        """The last line of an NDJSON stream."""
+        summary: dict[str, Any] = {"type": "summary", "success": self.done, "state": self.state.value}
+        if self.done:
+            summary.update(self.success_fields())
+        else:
+            summary.update(job_id=self.job_id, detail=self.detail, images_done=self.images_done, images_total=self.spec.total_images)
+        return summary

@@ -417,6 +417,8 @@ class RemoteWorker:
         if entry is None:
             return None
         with self._held_lock:
+            if entry[0] in self._held:  # ours already (a re-claim came too late): never run it twice
+                return None
             self._held.add(entry[0])
         return self._vet(*entry)
 

@@ -18,9 +18,9 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
+from contract.batch import DEFAULT_STEPS
 from gpu_workers.loading import (
     BASE_REPO,
-    DEFAULT_STEPS,
     KNOWN_PRESETS,
     LIGHTNING_REPO,
     LIGHTNING_UNET_FILE,

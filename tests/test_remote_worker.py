@@ -104,6 +104,17 @@ def _wait_until(predicate: Any, timeout: float, what: str, worker: Worker | None
     pytest.fail(f"timed out after {timeout} s waiting for {what}{tail}")
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the worker finishes what it holds), then SIGKILL if it takes too long."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 @pytest.fixture(scope="module")
 def worker(api: redis.Redis, redis_server: RedisServer, model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     workdir = tmp_path_factory.mktemp("remote-worker")
@@ -118,13 +129,7 @@ def worker(api: redis.Redis, redis_server: RedisServer, model_cache: Path, tmp_p
         _wait_until(lambda: any(b.state == "ready" for b in _heartbeats(api)), 120, "a ready heartbeat", started)
         yield started
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        _stop(process)
 
 
 def _task(prompts: tuple[str, ...], seeds: tuple[int, ...], request_id: str | None = None) -> ShardTask:
@@ -162,14 +167,14 @@ def _deliver_to_ghost(api: redis.Redis, fields: dict[bytes, bytes]) -> bytes:
     return bytes(entry_id)
 
 
-def _delivered(api: redis.Redis, entry_id: bytes) -> tuple[bytes, int] | None:
-    rows = api.xpending_range(KEYS.shards, GROUP, min=entry_id, max=entry_id, count=1)
+def _delivered(api: redis.Redis, entry_id: bytes, keys: Keys = KEYS) -> tuple[bytes, int] | None:
+    rows = api.xpending_range(keys.shards, GROUP, min=entry_id, max=entry_id, count=1)
     return (rows[0]["consumer"], rows[0]["times_delivered"]) if rows else None
 
 
-def _gone(api: redis.Redis, entry_id: bytes) -> bool:
+def _gone(api: redis.Redis, entry_id: bytes, keys: Keys = KEYS) -> bool:
     """Acknowledged and deleted: no longer pending, no longer in the stream."""
-    return _delivered(api, entry_id) is None and api.xrange(KEYS.shards, entry_id, entry_id) == []
+    return _delivered(api, entry_id, keys) is None and api.xrange(keys.shards, entry_id, entry_id) == []
 
 
 # ----- (a) a shard round trip gives the same bytes as generating in-process ------------------------
@@ -381,3 +386,46 @@ def test_sigterm_finishes_the_shard_then_exits_cleanly(api: redis.Redis, worker:
     assert _gone(api, entry_id)
     assert list(api.scan_iter(match=KEYS.worker_pattern)) == []
     assert "stopping after the shard in hand" in worker.log()
+
+
+# ----- the shard timeout: a living worker keeps a long shard, a hung one loses it -------------------
+
+
+def test_a_hung_shard_is_kept_while_its_worker_lives_then_given_up_after_two_timeouts(
+    api: redis.Redis, redis_server: RedisServer, model_cache: Path, tmp_path: Path
+) -> None:
+    """A pipeline that never returns, on a box whose worker has --shard-timeout 4 and a visibility
+    timeout of 1.5 s. While the shard hangs, the worker's heartbeat re-claims it, so it is not
+    delivered again though it is held far longer than the visibility timeout. At 4 s the worker
+    ends itself (exit 3), its launcher restarts it, the shard is taken over, hangs again, and the
+    third holder fails it with the shared retry rule's detail instead of running it."""
+    keys = Keys("hang")
+    model = "tests.pipelines:hanging_tiny"
+    api.set(keys.config, config_json(model))
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            _command(redis_server.url, model_cache, "--broker-prefix", "hang", "--shard-timeout", "4", "--visibility-timeout", "1.5"),
+            cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        )
+    worker = Worker(process, log_path)
+    try:
+        _wait_until(lambda: any(key for key in api.scan_iter(match=keys.worker_pattern)), 120, "a heartbeat", worker)
+        task = ShardTask(uuid.uuid4().hex, 5, 4, ("HANG here",), (7,), None, 0.0)
+        reply_to = keys.results("test-hang")
+        entry_id = api.xadd(keys.shards, {TASK_FIELD: wire.encode(task), REPLY_TO_FIELD: reply_to.encode(), MODEL_FIELD: model.encode()})
+        [started] = _results(api, reply_to, 1)
+        assert isinstance(started, ShardStarted)
+        time.sleep(3)  # twice the visibility timeout, still inside the shard timeout
+        held = _delivered(api, entry_id, keys)
+        assert held is not None and held[1] == 1, f"a living worker's shard was delivered again: {held}"
+        messages = _results(api, reply_to, 3, timeout=90)
+        failed = messages[-1]
+        assert [type(m) for m in messages] == [ShardStarted, ShardStarted, ShardFailed], messages
+        assert failed.request_id == task.request_id and failed.reason == "worker_crashes"
+        assert failed.error.startswith("Image generation failed: images 4-4 crashed 2 workers")
+        _wait_until(lambda: _gone(api, entry_id, keys), 10, "the failed shard to be acknowledged", worker)
+        text = worker.log()
+        assert text.count("ran past the shard timeout") >= 2 and "exited with code 3" in text
+    finally:
+        _stop(process)

@@ -11,8 +11,9 @@ is on our result stream; a result that arrives twice is used once (the scheduler
 Three tasks run on the event loop: the watcher (heartbeat keys of every worker, once a second; it
 also notices Redis going away and coming back), the result reader (a blocking ``XREAD`` on this
 process's result stream), and the sender (``XADD`` of the shards that may go). When Redis goes
-away, requests in flight fail with 503 and a detail that says so, ``/health`` shows the cause, and
-the watcher reconnects with backoff; the next request after Redis is back works.
+away, requests in flight fail with a detail that says so (reason ``transport_lost``: the service
+answers 503), ``/health`` shows the cause, and the watcher reconnects with backoff; the next
+request after Redis is back works.
 """
 
 from __future__ import annotations

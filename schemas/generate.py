@@ -28,7 +28,17 @@ EXAMPLE_REQUEST = {
 }
 
 
+def _encodable(text: str) -> None:
+    """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``): it is no character, and no text
+    encoder can read it, so it is refused here rather than failing the batch later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Text must be valid Unicode (it holds a lone surrogate such as \\ud800).") from None
+
+
 def _not_blank(text: str) -> None:
+    _encodable(text)
     if not text.strip():
         raise ValidationError("Prompts must not be blank.")
 
@@ -53,6 +63,7 @@ class GenerateRequestSchema(Schema):
     negative_prompt = fields.Str(
         allow_none=True,
         load_default=None,
+        validate=_encodable,
         metadata={
             "description": (
                 "What to avoid. SDXL-Lightning runs at guidance_scale 0, where the negative prompt has no "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 
 from aiohttp import web
@@ -21,7 +22,23 @@ log = logging.getLogger("service")
 FINAL_SHUTDOWN_SECONDS = 3.0
 
 
-async def serve(app: web.Application, settings: Settings) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts: a port already in use is one line
+    and exit 1 at once, not after the workers have loaded their models (minutes with real weights)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(app: web.Application, settings: Settings, sock: socket.socket) -> None:
     """Serve until the first SIGTERM, keep answering (503 for new work) while in-flight requests
     and jobs finish, then stop the site, the handlers and the workers, in that order."""
     lifecycle = app[LIFECYCLE]
@@ -29,7 +46,7 @@ async def serve(app: web.Application, settings: Settings) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.SockSite(runner, sock)
         await site.start()
         log.info("listening on http://%s:%d (docs at /docs)", settings.host, settings.port)
         await lifecycle.wait_for_stop_request()
@@ -81,7 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(create_app(settings, backend), settings))
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return 1
+    keys = settings.api_keys()
+    if keys:
+        log.info("API keys: on (%d key(s)); every route but /health and /docs needs one", len(keys))
+    else:
+        log.warning("API keys: off; anyone who reaches this port can generate images (set --api-key before exposing it on a tunnel)")
+    try:
+        asyncio.run(serve(create_app(settings, backend), settings, sock))
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 1

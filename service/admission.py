@@ -12,7 +12,7 @@ from aiohttp import web
 from contract.batch import SEED_SPACE, BatchSpec
 from service.access_log import IMAGES
 from service.errors import json_error
-from service.keys import LIFECYCLE, POOL, SETTINGS
+from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS
 
 NO_WORKER_RETRY_AFTER = "10"
 DRAINING_RETRY_AFTER = "30"
@@ -32,6 +32,7 @@ def admit(request: web.Request, data: dict[str, Any]) -> BatchSpec | web.Respons
     if seed is None or seed == -1:
         seed = secrets.randbelow(SEED_SPACE)
     request[IMAGES] = total
+    request.app[JOBS].reserve(total)  # before any await: JobManager.create releases it
     return BatchSpec(
         prompts=tuple(data["prompts"]),
         num_images_per_prompt=data["num_images_per_prompt"],
@@ -75,7 +76,7 @@ def _refusal(request: web.Request, images: int) -> web.Response | None:
             "No worker is ready (the model is loading, or failed to load: see /health)." + cause,
             headers={"Retry-After": NO_WORKER_RETRY_AFTER},
         )
-    pending = pool.pending_images
+    pending = request.app[JOBS].pending_images
     if pending + images > settings.max_queued_images:
         wait = math.ceil(pool.estimated_wait(pending + images - settings.max_queued_images))
         return json_error(

@@ -25,7 +25,7 @@ from service.job_db import JobDatabase
 from service.job_routes import JOB_ROUTES
 from service.jobs import JobManager
 from service.json_body import StrictJSONParser
-from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
+from service.keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.lifecycle import Lifecycle
 from service.routes import ROUTES
 from service.settings import Settings
@@ -86,6 +86,7 @@ def create_app(settings: Settings, pool: Any) -> web.Application:
     middlewares.append(validation_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[API_KEYS] = keys
     app[POOL] = pool
     app[STORE] = ImageStore(settings.image_path, settings.image_retention, settings.image_dir_max_bytes)
     app[JOBS] = JobManager(JobDatabase(settings.job_db_path), app[STORE], pool)

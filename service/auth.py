@@ -10,8 +10,10 @@ import hmac
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from service.errors import json_error
+from service.keys import API_KEYS, SETTINGS
 
 # Routes a monitor or a person needs without a key: health checks and the documentation page.
 OPEN_PATHS = ("/health", "/docs", "/openapi.json")
@@ -33,27 +35,48 @@ def presented_key(request: web.Request) -> str | None:
 
 
 def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:
-    supplied = candidate.encode()
+    """A header that is not valid text (aiohttp keeps its undecodable bytes as surrogates) matches
+    no key: it is a 401 like any wrong key, never an error of ours."""
+    supplied = candidate.encode("utf-8", "surrogateescape")
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(supplied, key.encode())
     return matched
 
 
+def refusal(request: web.Request, keys: tuple[str, ...]) -> web.Response | None:
+    """The 401 for a request that needs a key and has none that matches; None when it may pass."""
+    if not keys or _is_open(request):
+        return None
+    candidate = presented_key(request)
+    if candidate is None:
+        return json_error(
+            401,
+            "This server needs an API key: send Authorization: Bearer <key> or X-API-Key: <key>.",
+            headers={"WWW-Authenticate": 'Bearer realm="sdxl"'},
+        )
+    if not key_matches(candidate, keys):
+        return json_error(401, "The API key is not valid.", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return None
+
+
 def auth_middleware(keys: tuple[str, ...]) -> Any:
     @web.middleware
     async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
-        if _is_open(request):
-            return await handler(request)
-        candidate = presented_key(request)
-        if candidate is None:
-            return json_error(
-                401,
-                "This server needs an API key: send Authorization: Bearer <key> or X-API-Key: <key>.",
-                headers={"WWW-Authenticate": 'Bearer realm="sdxl"'},
-            )
-        if not key_matches(candidate, keys):
-            return json_error(401, "The API key is not valid.", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        return await handler(request)
+        return refusal(request, keys) or await handler(request)
 
     return require_key
+
+
+async def continue_if_allowed(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` is answered only after the key and size checks, so a client without
+    a key, or with a body over the limit, is refused before it sends the body (aiohttp's own
+    handler would say "continue" before any middleware ran)."""
+    refused = refusal(request, request.app[API_KEYS])
+    if refused is not None:
+        return refused
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return json_error(413, f"The request body is too large: Maximum request body size {limit} exceeded.")
+    await _default_expect_handler(request)
+    return None

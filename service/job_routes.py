@@ -18,6 +18,7 @@ from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema
 from schemas.jobs import JobCreatedSchema, JobStatusSchema
 from service.access_log import REQUEST_ID
 from service.admission import admit
+from service.auth import continue_if_allowed
 from service.errors import json_error
 from contract.states import JobState
 from service.job_db import DONE, JobRecord
@@ -154,7 +155,7 @@ def _status(record: JobRecord, retention: float) -> dict[str, Any]:
 
 
 JOB_ROUTES = [
-    web.post("/jobs", create_job),
+    web.post("/jobs", create_job, expect_handler=continue_if_allowed),
     web.get("/jobs/{job_id}", get_job, allow_head=False),
     web.delete("/jobs/{job_id}", cancel_job),
 ]

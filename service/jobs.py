@@ -99,6 +99,7 @@ class JobManager:
         self._live: dict[str, LiveJob] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._reserved = 0
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -146,12 +147,27 @@ class JobManager:
     def running_jobs(self) -> int:
         return len(self._live)
 
+    @property
+    def pending_images(self) -> int:
+        """Images accepted and unfinished: the engine's, plus those admitted and not yet handed to
+        it (their job is being written to the database). What the queue bound counts."""
+        return self.pool.pending_images + self._reserved
+
+    def reserve(self, images: int) -> None:
+        """Count an admitted request's images at once, before any ``await``, so that concurrent
+        requests cannot all pass the bound; ``create`` hands them to the engine and releases them."""
+        self._reserved += images
+
     async def create(self, job_id: str, spec: BatchSpec) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
-        """Record the job, then queue all its shards; the caller listens from the first event."""
-        record = await asyncio.to_thread(self.db.create, job_id, spec)
-        job = LiveJob(job_id, spec, 0, record.created_at)
-        listener = job.listen()
-        self._run(job, split_into_shards(job_id, spec))
+        """Record the job, then queue all its shards; the caller listens from the first event.
+        Its images were reserved by admission: released here once the engine counts them."""
+        try:
+            record = await asyncio.to_thread(self.db.create, job_id, spec)
+            job = LiveJob(job_id, spec, 0, record.created_at)
+            listener = job.listen()
+            self._run(job, split_into_shards(job_id, spec))
+        finally:
+            self._reserved -= spec.total_images
         return job, listener
 
     async def record(self, job_id: str) -> JobRecord | None:

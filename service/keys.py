@@ -16,3 +16,5 @@ POOL = web.AppKey("pool", ShardBackend)
 STORE = web.AppKey("store", ImageStore)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 JOBS = web.AppKey("jobs", JobManager)
+# The accepted API keys, read once at start (empty: the server is open).
+API_KEYS = web.AppKey("api_keys", tuple)

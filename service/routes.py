@@ -14,6 +14,7 @@ from schemas.health import HealthSchema
 from service import __version__
 from service.access_log import REQUEST_ID
 from service.admission import admit
+from service.auth import continue_if_allowed
 from service.errors import json_error
 from service.job_listening import base_url, follow
 from service.job_result import JobResult
@@ -203,6 +204,6 @@ async def image(request: web.Request) -> web.StreamResponse:
 ROUTES = [
     web.get("/", root, allow_head=False),
     web.get("/health", health, allow_head=False),
-    web.post("/generate", generate),
+    web.post("/generate", generate, expect_handler=continue_if_allowed),
     web.get("/images/{image_id}.png", image, allow_head=False),
 ]

@@ -15,6 +15,9 @@ from gpu_workers.flag_settings import build_parser as build_settings_parser
 from gpu_workers.flag_settings import flag, parse, setting
 from gpu_workers.shard_rules import DEFAULT_SHARD_TIMEOUT
 
+# Shorter keys are too easy to guess for a server that anyone on its tunnel URL can reach.
+MIN_KEY_CHARS = 16
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -118,12 +121,19 @@ def validate(settings: Settings) -> list[str]:
         problems.append("--shard-timeout must be positive")
     if settings.heartbeat_interval <= 0:
         problems.append("--heartbeat-interval must be positive")
-    if settings.api_key_file:
-        try:
-            if not settings.api_keys():
-                problems.append(f"--api-key-file {settings.api_key_file} holds no key")
-        except OSError as exc:
-            problems.append(f"--api-key-file cannot be read: {exc.strerror}")
+    try:
+        keys = settings.api_keys()
+    except OSError as exc:
+        problems.append(f"--api-key-file cannot be read: {exc.strerror}")
+    else:
+        if settings.api_key_file and not keys:
+            problems.append(f"--api-key-file {settings.api_key_file} holds no key")
+        short = sum(len(key) < MIN_KEY_CHARS for key in keys)
+        if short:
+            problems.append(
+                f"{short} API key(s) are shorter than {MIN_KEY_CHARS} characters, too easy to guess on a public tunnel; "
+                "make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+            )
     if not 0 <= settings.port <= 65535:
         problems.append("--port must be between 0 and 65535")
     return problems

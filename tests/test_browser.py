@@ -136,7 +136,7 @@ def test_try_it_out_on_generate_shows_the_200_response(server: ServerProcess, pa
 
 def test_try_it_out_with_an_api_key_needs_authorize(start_server, page: Page) -> None:
     """A server on a tunnel has a key: the page says 401 until the key is given in "Authorize"."""
-    keyed = start_server("--model", "tiny", "--workers", "1", "--api-key", "docs-page-key")
+    keyed = start_server("--model", "tiny", "--workers", "1", "--api-key", "docs-page-key-0123456789")
     operation = _generate_operation(page, keyed.url)
     operation.get_by_role("button", name="Try it out").click()
     operation.locator("textarea.body-param__text").fill(json.dumps({"prompts": ["a key-holder's image"], "seed": 3}))
@@ -144,12 +144,12 @@ def test_try_it_out_with_an_api_key_needs_authorize(start_server, page: Page) ->
 
     page.get_by_role("button", name="Authorize").first.click()
     dialog = page.locator(".modal-ux")
-    dialog.locator("input").first.fill("docs-page-key")  # the first scheme: Authorization: Bearer
+    dialog.locator("input").first.fill("docs-page-key-0123456789")  # the first scheme: Authorization: Bearer
     dialog.locator("button.modal-btn.authorize").first.click()
     dialog.locator("button.btn-done").first.click()
     body = json.loads(_execute(operation, "200"))
     assert body["success"] is True and body["seeds"] == [3]
-    assert "Authorization: Bearer docs-page-key" in operation.locator(".curl-command").inner_text()
+    assert "Authorization: Bearer docs-page-key-0123456789" in operation.locator(".curl-command").inner_text()
 
 
 def test_reference_fetch_example_renders_its_image_in_a_real_page(server: ServerProcess, page: Page) -> None:

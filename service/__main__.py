@@ -13,6 +13,7 @@ from gpu_workers.backend import ShardBackend
 from gpu_workers.devices import REAL_MODEL, resolve_devices, resolve_model
 from gpu_workers.scheduler import EngineConfig
 from service.app import create_app
+from service.connections import CappedSite, connection_cap, quiet_accept_errors, raise_file_limit
 from service.keys import JOBS, LIFECYCLE
 from service.settings import Settings, load_settings
 
@@ -43,12 +44,14 @@ async def serve(app: web.Application, settings: Settings, sock: socket.socket) -
     and jobs finish, then stop the site, the handlers and the workers, in that order."""
     lifecycle = app[LIFECYCLE]
     lifecycle.install_signal_handlers(asyncio.get_running_loop())
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS, keepalive_timeout=settings.keepalive_timeout
+    )
     await runner.setup()
     try:
-        site = web.SockSite(runner, sock)
+        site = CappedSite(runner, sock, connection_cap(settings.max_connections, raise_file_limit()), backlog=1024)
         await site.start()
-        log.info("listening on http://%s:%d (docs at /docs)", settings.host, settings.port)
+        log.info("listening on http://%s:%d (docs at /docs); at most %d connections", settings.host, settings.port, site.max_connections)
         await lifecycle.wait_for_stop_request()
         jobs = app[JOBS]
         if not await lifecycle.drain(settings.grace_period, also=jobs.idle):
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         return 1
+    quiet_accept_errors()
     keys = settings.api_keys()
     if keys:
         log.info("API keys: on (%d key(s)); every route but /health and /docs needs one", len(keys))

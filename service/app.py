@@ -19,6 +19,7 @@ from schemas.jobs import ProgressLineSchema
 from service import __version__
 from service.access_log import access_log_middleware
 from service.auth import auth_middleware
+from service.connections import body_deadline_middleware
 from service.errors import error_middleware, validation_error_callback
 from service.image_store import ImageStore
 from service.job_db import JobDatabase
@@ -83,6 +84,7 @@ def create_app(settings: Settings, pool: Any) -> web.Application:
     middlewares = [access_log_middleware, error_middleware]
     if keys:
         middlewares.append(auth_middleware(keys))
+    middlewares.append(body_deadline_middleware(settings.body_timeout))
     middlewares.append(validation_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings

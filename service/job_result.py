@@ -13,7 +13,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,14 @@ from aiohttp import web
 from contract.batch import BatchSpec
 from contract.states import JobState
 from service.admission import DRAINING_RETRY_AFTER
+from service.connections import BodyWriter
 from service.errors import json_error
-from service.jobs import JobEnded, LiveJob, ShardStored
+from service.image_store import ImageStore
+from service.jobs import JobEnded, LiveJob
+
+
+def evicted_detail(job_id: str, missing: int) -> str:
+    return f"Job {job_id} is done, but {missing} of its images were removed to keep the image folder within its disk budget."
 
 
 def image_url(base: str, image_id: str) -> str:
@@ -52,9 +58,10 @@ class JobResult:
     image_ids: tuple[str, ...] = ()
 
     @classmethod
-    def from_live(cls, job: LiveJob, ended: JobEnded, stored: Mapping[int, ShardStored]) -> JobResult:
-        shards = [stored[first] for first in sorted(stored)] if ended.state == JobState.DONE else []
-        return cls(
+    def from_live(cls, job: LiveJob, ended: JobEnded, stored: Mapping[int, tuple[str, ...]], store: ImageStore) -> JobResult:
+        """From the events a handler followed: ``stored`` holds each shard's image ids by its first
+        index; the images are read back from the store's files when the body is written."""
+        result = cls(
             job_id=job.job_id,
             spec=job.spec,
             state=JobState(ended.state),
@@ -62,9 +69,15 @@ class JobResult:
             warnings=tuple(job.warnings),
             detail=ended.detail,
             status=ended.status,
-            pngs=tuple(png for shard in shards for png in shard.pngs),
-            image_ids=tuple(image_id for shard in shards for image_id in shard.image_ids),
         )
+        if not result.done:
+            return result
+        image_ids = tuple(image_id for first in sorted(stored) for image_id in stored[first])
+        paths = [store.path_for(image_id) for image_id in image_ids]
+        missing = sum(path is None for path in paths)
+        if missing:
+            return replace(result, state=JobState.FAILED, status=410, detail=evicted_detail(job.job_id, missing))
+        return replace(result, pngs=tuple(path for path in paths if path is not None), image_ids=image_ids)
 
     @property
     def done(self) -> bool:
@@ -90,7 +103,7 @@ class JobResult:
         extra = {"Retry-After": DRAINING_RETRY_AFTER} if status == 503 else {}
         return json_error(status, self.failure_detail(), headers={**headers, **extra}, job_id=self.job_id)
 
-    async def write_body(self, response: web.StreamResponse, base: str, extra: Mapping[str, Any] | None = None) -> None:
+    async def write_body(self, writer: BodyWriter, base: str, extra: Mapping[str, Any] | None = None) -> None:
         """The JSON body of /generate (and of a done job's GET /jobs/{id}, with its state as ``extra``).
 
         A done job's body is written image by image: 150 base64 PNGs are some 200 MB, which as one
@@ -99,21 +112,19 @@ class JobResult:
         """
         if not self.done:
             body = {"success": False, "detail": self.failure_detail(), "images": [], "count": 0, "job_id": self.job_id}
-            await response.write(json.dumps(body).encode())
-            await response.write_eof()
+            await writer.write(json.dumps(body).encode())
+            await writer.finish()
             return
-        await response.write(b'{"success": true, "images": [')
+        await writer.write(b'{"success": true, "images": [')
         for index, (png, image_id) in enumerate(zip(self.pngs, self.image_ids, strict=True)):
             if self.spec.as_url:
                 value = image_value(self.spec, png, image_id, base)
             else:
                 value = await asyncio.to_thread(image_value, self.spec, png, image_id, base)
-            await response.write(b'"' if index == 0 else b', "')
-            await response.write(value)
-            await response.write(b'"')
+            await writer.write((b'"' if index == 0 else b', "') + value + b'"')
         rest = json.dumps({**self.success_fields(), **(extra or {})})
-        await response.write(b"], " + rest[1:].encode())
-        await response.write_eof()
+        await writer.write(b"], " + rest[1:].encode())
+        await writer.finish()
 
     def summary_line(self) -> dict[str, Any]:
         """The last line of an NDJSON stream."""

@@ -23,9 +23,9 @@ from service.errors import json_error
 from contract.states import JobState
 from service.job_db import DONE, JobRecord
 from service.job_listening import base_url
-from service.job_result import JobResult
+from service.job_result import JobResult, evicted_detail
 from service.keys import JOBS, SETTINGS, STORE
-from service.streaming import start_json_stream
+from service.streaming import start_stream
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,7 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     paths = [store.path_for(ids.get(index, "")) for index in range(record.images_total)]
     missing = sum(path is None for path in paths)
     if missing:
-        return json_error(
-            410,
-            f"Job {record.job_id} is done, but {missing} of its images were removed to keep the image folder within its disk budget.",
-        )
+        return json_error(410, evicted_detail(record.job_id, missing))
     result = JobResult(
         job_id=record.job_id,
         spec=record.spec,
@@ -106,9 +103,12 @@ async def get_job(request: web.Request) -> web.StreamResponse:
         pngs=tuple(path for path in paths if path is not None),
         image_ids=tuple(ids[index] for index in range(record.images_total)),
     )
-    response = await start_json_stream(request, {"X-Job-Id": record.job_id})
-    await result.write_body(response, base_url(request), extra=status)
-    return response
+    writer = await start_stream(request, {"X-Job-Id": record.job_id})
+    try:
+        await result.write_body(writer, base_url(request), extra=status)
+    except ConnectionError:  # reset, or lost while writing
+        log.info("job %s: the client went away while reading its result", record.job_id)
+    return writer.response
 
 
 @docs(

@@ -18,7 +18,9 @@ from aiohttp import web
 from service.job_listening import base_url, follow
 from service.job_result import JobResult, image_value
 from service.jobs import JobEvent, LiveJob, ShardStored
-from service.keys import SETTINGS
+from service.connections import BodyWriter
+from service.keys import SETTINGS, STORE
+from service.streaming import start_stream
 
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
 
@@ -28,8 +30,8 @@ def wants_ndjson(request: web.Request) -> bool:
     return NDJSON_CONTENT_TYPE in accepted
 
 
-async def write_line(response: web.StreamResponse, line: dict[str, Any]) -> None:
-    await response.write(json.dumps(line).encode() + b"\n")
+async def write_line(writer: BodyWriter, line: dict[str, Any]) -> None:
+    await writer.write(json.dumps(line).encode() + b"\n")
 
 
 async def stream_progress(
@@ -40,12 +42,9 @@ async def stream_progress(
     links = base_url(request)
     seeds = spec.seeds
     image_field = "url" if spec.as_url else "base64"
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = NDJSON_CONTENT_TYPE
-    response.enable_chunked_encoding()
-    await response.prepare(request)
+    writer = await start_stream(request, headers, NDJSON_CONTENT_TYPE)
     await write_line(
-        response,
+        writer,
         {"type": "job", "job_id": job.job_id, "images_total": spec.total_images, "return_format": spec.return_format, "seeds": list(seeds)},
     )
 
@@ -53,12 +52,12 @@ async def stream_progress(
         for offset, (png, image_id) in enumerate(zip(stored.pngs, stored.image_ids, strict=True)):
             index = stored.first_index + offset
             value = await asyncio.to_thread(image_value, spec, png, image_id, links)
-            await write_line(response, {"type": "image", "index": index, "seed": seeds[index], image_field: value.decode()})
+            await write_line(writer, {"type": "image", "index": index, "seed": seeds[index], image_field: value.decode()})
 
     async def progress() -> None:
-        await write_line(response, {"type": "progress", "images_done": job.images_done, "images_total": spec.total_images})
+        await write_line(writer, {"type": "progress", "images_done": job.images_done, "images_total": spec.total_images})
 
     ended = await follow(request, listener, on_shard, progress, settings.heartbeat_interval)
-    await write_line(response, JobResult.from_live(job, ended, {}).summary_line())
-    await response.write_eof()
-    return response
+    await write_line(writer, JobResult.from_live(job, ended, {}, request.app[STORE]).summary_line())
+    await writer.finish()
+    return writer.response

@@ -150,7 +150,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             if wants_ndjson(request):
                 return await stream_progress(request, job, listener, headers)
             return await _answer_with_heartbeats(request, job, listener, headers)
-        except ConnectionResetError:
+        except ConnectionError:  # reset, or lost while writing
             log.info("job %s: the client went away; the job goes on (GET /jobs/%s)", job_id, job_id)
             return web.Response(status=499)
         finally:
@@ -162,28 +162,30 @@ async def _answer_with_heartbeats(
 ) -> web.StreamResponse:
     """DESIGN section 2: the status line held back one interval, then a space every interval."""
     heartbeat = HeartbeatResponse(request, headers=headers)
-    stored: dict[int, ShardStored] = {}
+    # Only the ids: the images themselves are read back from their files as the body is written,
+    # so a slow client holds no image in this process's memory.
+    stored: dict[int, tuple[str, ...]] = {}
 
     async def keep(shard: ShardStored) -> None:
-        stored[shard.first_index] = shard
+        stored[shard.first_index] = shard.image_ids
 
     try:
         ended = await follow(request, listener, keep, heartbeat.beat, request.app[SETTINGS].heartbeat_interval)
-    except ConnectionResetError:
-        if heartbeat.response is not None:
+        result = JobResult.from_live(job, ended, stored, request.app[STORE])
+        if not result.done:
+            log.warning("job %s %s: %s", job.job_id, "interrupted" if ended.interrupted else ended.state, result.failure_detail())
+            if not heartbeat.started:
+                return result.early_failure(headers)
+        writer = await heartbeat.stream()
+        await result.write_body(writer, base_url(request))
+    except ConnectionError:  # reset, or lost while writing
+        if heartbeat.writer is not None:
             log.info("job %s: the client went away; the job goes on (GET /jobs/%s)", job.job_id, job.job_id)
-            return heartbeat.response
+            return heartbeat.writer.response
         raise
-    result = JobResult.from_live(job, ended, stored)
-    if not result.done:
-        log.warning("job %s %s: %s", job.job_id, "interrupted" if ended.interrupted else ended.state, result.failure_detail())
-        if not heartbeat.started:
-            return result.early_failure(headers)
-    response = await heartbeat.stream()
-    await result.write_body(response, base_url(request))
     if result.done:
         log.info("job %s answered: %d image(s)", job.job_id, len(result.pngs))
-    return response
+    return writer.response
 
 
 @docs(

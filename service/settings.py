@@ -49,6 +49,10 @@ class Settings:
     api_key_file: str = setting("", "file of accepted API keys, one per line (# comments allowed)")
     cors_origins: str = setting("", "comma-separated origins allowed to call the API from a browser, or * (default: none)")
     max_body_bytes: int = setting(2**20, "largest request body; larger ones get 413")
+    max_connections: int = setting(512, "most open client connections; one more gets 503 and is closed (kept below the open-file limit)")
+    keepalive_timeout: float = setting(15.0, "seconds a connection may stay open without sending a whole request head (new or idle)")
+    body_timeout: float = setting(30.0, "seconds a request body may take to arrive; slower ones get 408")
+    write_timeout: float = setting(60.0, "seconds one write of a response may wait for a client that does not read; then it is cut off")
     model_cache: str = setting(
         str(Path.home() / ".cache" / "sdxl-lightning-server"), "folder where the tiny model is built"
     )
@@ -105,7 +109,7 @@ def validate(settings: Settings) -> list[str]:
     problems = []
     for name in (
         "cpu_threads", "max_batch", "max_images", "max_prompt_chars", "max_queued_images",
-        "max_body_bytes", "image_dir_max_bytes",
+        "max_body_bytes", "image_dir_max_bytes", "max_connections",
     ):
         if getattr(settings, name) < 1:
             problems.append(f"{flag(name)} must be at least 1")
@@ -117,8 +121,9 @@ def validate(settings: Settings) -> list[str]:
         problems.append("with --broker, run the workers with python -m gpu_workers --broker URL and start the API with --workers 0")
     if settings.grace_period < 0:
         problems.append("--grace-period must not be negative")
-    if settings.shard_timeout <= 0:
-        problems.append("--shard-timeout must be positive")
+    for name in ("shard_timeout", "keepalive_timeout", "body_timeout", "write_timeout"):
+        if getattr(settings, name) <= 0:
+            problems.append(f"{flag(name)} must be positive")
     if settings.heartbeat_interval <= 0:
         problems.append("--heartbeat-interval must be positive")
     try:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from service.connections import BodyWriter
+from service.keys import SETTINGS
+
 JSON_CONTENT_TYPE = "application/json"
 HEARTBEAT = b" "
 
@@ -22,27 +25,27 @@ class HeartbeatResponse:
     def __init__(self, request: web.Request, headers: dict[str, str] | None = None) -> None:
         self.request = request
         self.headers = headers or {}
-        self.response: web.StreamResponse | None = None
+        self.writer: BodyWriter | None = None
 
     @property
     def started(self) -> bool:
-        return self.response is not None
+        return self.writer is not None
 
     async def beat(self) -> None:
-        if self.response is None:
-            self.response = await start_json_stream(self.request, self.headers)
-        await self.response.write(HEARTBEAT)
+        writer = await self.stream()
+        await writer.write(HEARTBEAT)
 
-    async def stream(self) -> web.StreamResponse:
-        """The response to write the final body into: the heartbeat one, or a fresh 200."""
-        if self.response is None:
-            self.response = await start_json_stream(self.request, self.headers)
-        return self.response
+    async def stream(self) -> BodyWriter:
+        """Where to write the final body: the heartbeat response, or a fresh 200."""
+        if self.writer is None:
+            self.writer = await start_stream(self.request, self.headers)
+        return self.writer
 
 
-async def start_json_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+async def start_stream(request: web.Request, headers: dict[str, str], content_type: str = JSON_CONTENT_TYPE) -> BodyWriter:
+    """A 200 with a chunked body, written with the server's write timeout."""
     response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = JSON_CONTENT_TYPE
+    response.content_type = content_type
     response.enable_chunked_encoding()
     await response.prepare(request)
-    return response
+    return BodyWriter(request, response, request.app[SETTINGS].write_timeout)

@@ -8,6 +8,7 @@ subprocess where the fault is the process's (a port in use).
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import sys
@@ -133,3 +134,112 @@ def test_a_port_in_use_is_reported_at_once_before_any_worker_starts(tmp_path: Pa
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "in use" in result.stderr
     assert "starting" not in result.stderr, "a worker was started before the port was known to be free"
     assert time.monotonic() - started < 30
+
+
+# ----- connections ----------------------------------------------------------------------------
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408(aiohttp_client, tmp_path: Path) -> None:
+    client = await start(aiohttp_client, tmp_path, FakeTransport(), body_timeout=0.5)
+    started = time.monotonic()
+    answer = await raw_exchange(
+        client.server.port,
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompts\"",
+        read_for=3.0,
+    )
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
+    assert time.monotonic() - started < 3.5
+
+
+def _open_idle(port: int, count: int) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sockets.append(sock)
+    return sockets
+
+
+def test_idle_connections_past_the_file_limit_lose_no_job(tmp_path: Path) -> None:
+    """Under a 1,024 open-file limit (hard and soft, as supervisord and systemd set it), 1,100 idle
+    connections without a key: past --max-connections each is answered 503 and closed at once, so
+    the server never runs out of files, the job accepted before finishes with every image, idle
+    connections are closed after --keepalive-timeout, and the log does not flood."""
+    import resource
+
+    import requests
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2400:
+        pytest.skip(f"the test process needs 2,400 open files to hold the connections; its hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    from tests.server_process import ServerProcess
+
+    server = ServerProcess(
+        tmp_path / "server",
+        ["--model", "tiny", "--workers", "1", "--max-batch", "2", "--model-cache", str(tmp_path / "cache"),
+         "--api-key", KEY, "--keepalive-timeout", "3", "--max-connections", "200"],
+        {},
+    )
+    server.args = ["prlimit", "--nofile=1024:1024", "--", *server.args]
+    server.start()
+    idle: list[socket.socket] = []
+    try:
+        job = requests.post(server.url + "/jobs", json={"prompts": ["a", "b", "c", "d"]}, headers={"X-API-Key": KEY}, timeout=10).json()
+        idle = _open_idle(server.port, 1100)
+        refused = requests.get(server.url + "/health", timeout=5)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] and "too many open connections" in refused.text
+        time.sleep(4)  # past the keep-alive timeout: the server has closed the idle ones it served
+        health = requests.get(server.url + "/health", timeout=5)
+        assert health.status_code == 200
+        deadline = time.monotonic() + 120
+        while (state := requests.get(f"{server.url}/jobs/{job['job_id']}", headers={"X-API-Key": KEY}, timeout=10).json())["state"] != "done":
+            assert state["state"] in ("queued", "running"), state
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert state["images_done"] == 4 and len(state["images"]) == 4
+        log = server.log()
+        assert "Too many open files" not in log
+        assert log.count("connection(s) refused so far") <= 3, "refusals must not flood the log"
+        assert "at most 200 connections" in log
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+
+
+def test_a_client_that_reads_nothing_is_cut_off_and_holds_no_memory(start_server) -> None:
+    """Three base64 /generate requests whose clients never read: each is cut off --write-timeout
+    after its writes stall, the API process lets go of what it held (RSS back near where it was),
+    the jobs stay readable, and a SIGTERM then does not wait for them."""
+    import psutil
+    import requests
+
+    server = start_server("--model", "tiny", "--workers", "1", "--max-batch", "4", "--write-timeout", "2", "--heartbeat-interval", "1")
+    assert server.process is not None
+    api = psutil.Process(server.process.pid)
+    before = api.memory_info().rss
+    body = json.dumps({"prompts": [f"unread {i}" for i in range(4)], "seed": 9}).encode()
+    stalled: list[socket.socket] = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        stalled.append(sock)
+    try:
+        server.wait_for(lambda h: h["active_requests"] == 3, timeout=30, what="the three requests accepted")
+        health = server.wait_for(lambda h: h["active_requests"] == 0 and h["active_jobs"] == 0, timeout=120, what="the stalled requests cut off")
+        assert health["status"] == "healthy"
+        assert server.log().count("the client went away") >= 3
+        grown = (api.memory_info().rss - before) / 2**20
+        assert grown < 60, f"the API process kept {grown:.0f} MiB for clients that read nothing"
+        job_ids = [line.split("job ")[1].split(":")[0] for line in server.log().splitlines() if "the client went away" in line][-3:]
+        for job_id in job_ids:
+            stored = requests.get(f"{server.url}/jobs/{job_id}", timeout=30).json()
+            assert stored["state"] == "done" and len(stored["images"]) == 4
+    finally:
+        for sock in stalled:
+            sock.close()

@@ -24,6 +24,14 @@ class WorkerSchema(Schema):
     error = fields.Str(allow_none=True, metadata={"description": "Why the worker could not start, and how to fix it.", "example": None})
 
 
+class StorageSchema(Schema):
+    problem = fields.Str(
+        allow_none=True,
+        metadata={"description": "Why images cannot be written now (jobs wait and retry; new ones get 507), or null.", "example": None},
+    )
+    free_bytes = fields.Int(metadata={"description": "Free space on the image disk.", "example": 52_000_000_000})
+
+
 class HealthSchema(Schema):
     status = fields.Str(
         validate=validate.OneOf(("healthy", "unhealthy")),
@@ -40,4 +48,5 @@ class HealthSchema(Schema):
         metadata={"description": "Why no worker can take work beyond the workers' own errors, e.g. the Redis broker is unreachable.", "example": None},
     )
     queued_images = fields.Int(metadata={"description": "Images waiting for a worker.", "example": 0})
+    storage = fields.Nested(StorageSchema)
     workers = fields.List(fields.Nested(WorkerSchema))

@@ -12,7 +12,7 @@ from aiohttp import web
 from contract.batch import SEED_SPACE, BatchSpec
 from service.access_log import IMAGES
 from service.errors import json_error
-from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS
+from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 
 NO_WORKER_RETRY_AFTER = "10"
 DRAINING_RETRY_AFTER = "30"
@@ -76,7 +76,18 @@ def _refusal(request: web.Request, images: int) -> web.Response | None:
             "No worker is ready (the model is loading, or failed to load: see /health)." + cause,
             headers={"Retry-After": NO_WORKER_RETRY_AFTER},
         )
+    store = request.app[STORE]
+    if store.problem is not None:
+        return json_error(507, f"The server {store.problem} now; retry when /health shows storage without a problem.", headers={"Retry-After": NO_WORKER_RETRY_AFTER})
     pending = request.app[JOBS].pending_images
+    need = (pending + images) * store.bytes_per_image
+    free = store.free_bytes()
+    if need > free:
+        return json_error(
+            507,
+            f"The image disk cannot hold this batch: {free / 1e6:.1f} MB free, and {pending + images} image(s) of about "
+            f"{store.bytes_per_image / 1e6:.2f} MB each ({need / 1e6:.1f} MB) are to be stored.",
+        )
     if pending + images > settings.max_queued_images:
         wait = math.ceil(pool.estimated_wait(pending + images - settings.max_queued_images))
         return json_error(

@@ -50,6 +50,9 @@ async def _run_jobs(app: web.Application) -> AsyncIterator[None]:
     """After the pool is up: resume the jobs a restart interrupted. At the end: tell the listeners
     of unfinished jobs that they resume later, before the pool stops."""
     jobs = app[JOBS]
+    swept = await jobs.sweep()
+    if swept:
+        log.info("removed %d image file(s) that no job names (partial, or written just before a kill)", swept)
     resumed = await jobs.resume()
     if resumed:
         log.info("resumed %d unfinished job(s)", resumed)
@@ -59,7 +62,8 @@ async def _run_jobs(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _evict_expired(app: web.Application) -> AsyncIterator[None]:
-    """Jobs and images older than the retention time go (images of unfinished jobs are younger)."""
+    """Jobs that finished longer ago than the retention time go, with their images (never those of
+    an unfinished job, however old its files)."""
     store = app[STORE]
     jobs = app[JOBS]
 
@@ -67,9 +71,8 @@ async def _evict_expired(app: web.Application) -> AsyncIterator[None]:
         while True:
             try:
                 expired = await jobs.expire(store.retention_seconds)
-                removed = await asyncio.to_thread(store.evict_expired)
-                if expired or removed:
-                    log.info("removed %d expired job(s) and %d expired image(s)", expired, removed)
+                if expired:
+                    log.info("removed %d expired job(s) and their images", expired)
             except (OSError, sqlite3.Error):
                 log.exception("eviction failed")
             await asyncio.sleep(min(EVICTION_PERIOD, max(0.5, store.retention_seconds / 4)))

@@ -132,6 +132,11 @@ class JobDatabase:
             rows = self._db.execute("SELECT idx, image_id FROM job_images WHERE job_id = ? ORDER BY idx", (job_id,)).fetchall()
         return dict(rows)
 
+    def all_image_ids(self) -> set[str]:
+        """Every image any job names (what the image folder may hold)."""
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT image_id FROM job_images")}
+
     def unfinished(self) -> list[JobRecord]:
         """Jobs a restart interrupted, oldest first: they resume in the order they were accepted."""
         with self._lock:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,9 @@ from service.job_db import (
 log = logging.getLogger(__name__)
 
 CANCELLED_DETAIL = "The job was cancelled (DELETE /jobs/{id})."
+# Waiting out a disk fault: the first retry after this long, doubling up to the most.
+STORE_RETRY_FIRST = 0.5
+STORE_RETRY_MAX = 10.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,11 @@ class JobManager:
         self._reserved = 0
 
     # ----- lifecycle -------------------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Delete image files no job names (a kill between a file and its row) and partial ones."""
+        known = await asyncio.to_thread(self.db.all_image_ids)
+        return await asyncio.to_thread(self.store.sweep, known)
 
     async def resume(self) -> int:
         """Submit the unfinished shards of every job a stop or a kill interrupted."""
@@ -207,9 +216,9 @@ class JobManager:
             job.publish(ended)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a disk or database fault must end the job visibly
+        except Exception:  # noqa: BLE001 - a fault of ours must end the job visibly
             log.exception("job %s: could not store its results", job.job_id)
-            detail = f"The server could not store the images: {exc}"
+            detail = "The server could not store the images because of an internal error; see its log."
             if handle is not None:
                 self.pool.abandon(job.job_id)
             try:
@@ -235,7 +244,7 @@ class JobManager:
             if isinstance(event, Drained):
                 return JobEnded(CANCELLED, CANCELLED_DETAIL)
             first = first_index[event.shard_id]
-            image_ids, job.images_done = await asyncio.to_thread(self._store_shard, job.job_id, first, event)
+            image_ids, job.images_done = await self._store_until_stored(job.job_id, first, event)
             if job.state == QUEUED:
                 job.state = RUNNING
             job.warnings.update(dict.fromkeys(event.warnings))
@@ -244,7 +253,31 @@ class JobManager:
             if to_store == 0:
                 return JobEnded(DONE) if job.state != CANCELLED else JobEnded(CANCELLED, CANCELLED_DETAIL)
 
+    async def _store_until_stored(self, job_id: str, first_index: int, event: ShardDone) -> tuple[tuple[str, ...], int]:
+        """Store a finished shard, waiting out a disk or database fault (full, read-only, the folder
+        gone, too many open files): the images stay in memory and the store is tried again, with a
+        backoff, until it works. A fault of the disk never fails an accepted job; /health and
+        admission say what is wrong meanwhile (``ImageStore.report``)."""
+        delay = STORE_RETRY_FIRST
+        while True:
+            try:
+                stored = await asyncio.to_thread(self._store_shard, job_id, first_index, event)
+            except (OSError, sqlite3.OperationalError) as exc:
+                self.store.report(exc)
+                await asyncio.sleep(delay)
+                delay = min(STORE_RETRY_MAX, delay * 2)
+                continue
+            self.store.report(None)
+            return stored
+
     def _store_shard(self, job_id: str, first_index: int, event: ShardDone) -> tuple[tuple[str, ...], int]:
-        """Files first, then one database transaction naming them (blocking: runs in a thread)."""
-        image_ids = tuple(self.store.save(png) for png in event.images)
-        return image_ids, self.db.record_shard(job_id, first_index, image_ids, event.warnings)
+        """Files first, then one database transaction naming them (blocking: runs in a thread). On a
+        fault the files written so far go again, so a retry leaves no orphan."""
+        image_ids: list[str] = []
+        try:
+            for png in event.images:
+                image_ids.append(self.store.save(png))
+            return tuple(image_ids), self.db.record_shard(job_id, first_index, image_ids, event.warnings)
+        except BaseException:
+            self.store.remove_all(image_ids)
+            raise

@@ -57,6 +57,7 @@ async def root(request: web.Request) -> web.Response:
 )
 async def health(request: web.Request) -> web.Response:
     pool = request.app[POOL]
+    store = request.app[STORE]
     workers = pool.snapshot()
     # From the workers themselves (the API process never imports torch): the first CUDA worker's
     # device name, once it has reported ready.
@@ -72,6 +73,7 @@ async def health(request: web.Request) -> web.Response:
         "cuda_device": next((w.device_name for w in cuda_workers if w.device_name), None),
         "model": pool.config.model,
         "queued_images": pool.queued_images,
+        "storage": {"problem": store.problem, "free_bytes": store.free_bytes()},
         "problem": pool.problem,
         "workers": [
             {

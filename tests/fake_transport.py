@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -27,9 +28,15 @@ LOSE = "LOSE"
 SLOW = "SLOW"
 
 
-def fake_png(seed: int) -> bytes:
+def fake_png(seed: int, size: int = 8) -> bytes:
+    """A ``size`` x ``size`` PNG: one colour from the seed, or (larger) noise from the seed, which
+    does not compress: about 1 MB at 600 x 600, for tests that fill a disk."""
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (seed % 256, (seed // 256) % 256, 99)).save(buffer, format="PNG")
+    if size <= 8:
+        image = Image.new("RGB", (size, size), (seed % 256, (seed // 256) % 256, 99))
+    else:
+        image = Image.frombytes("RGB", (size, size), random.Random(seed).randbytes(size * size * 3))
+    image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -38,6 +45,7 @@ class FakeTransport:
     workers_count: int = 1
     seconds_per_shard: float = 0.05
     slow_seconds: float = 1.0
+    png_size: int = 8
     problem: str | None = None
     ready: bool = True
     sent: list[ShardTask] = field(default_factory=list)
@@ -76,7 +84,7 @@ class FakeTransport:
         elif any(LOSE in prompt for prompt in shard.prompts):
             self._events.transport_lost("broker: the connection to Redis was lost (a test)")
         else:
-            pngs = tuple(fake_png(seed) for seed in shard.seeds)
+            pngs = tuple(fake_png(seed, self.png_size) for seed in shard.seeds)
             self._events.shard_done(ShardDone(0, shard.request_id, shard.shard_id, pngs, (), self.seconds_per_shard))
 
 

@@ -86,10 +86,10 @@ def test_image_store_round_trip_and_path_safety(tmp_path: Path) -> None:
     assert store.path_for(image_id).read_bytes() == b"\x89PNG fake"
     for hostile in ("../" + image_id, "/etc/passwd", image_id.upper(), image_id + "/..", "%2e%2e"):
         assert store.path_for(hostile) is None
-    assert store.evict_expired(now=time.time()) == 0
     old = time.time() - 120
-    os.utime(store.path_for(image_id), (old, old))
-    assert store.evict_expired() == 1
+    os.utime(store.path_for(image_id), (old, old))  # a file's age does not matter: its job's does
+    assert store.sweep({image_id}) == 0 and store.path_for(image_id) is not None
+    assert store.sweep(set()) == 1, "an image no job names goes"
     assert store.path_for(image_id) is None
 
 

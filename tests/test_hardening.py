@@ -177,7 +177,7 @@ def test_idle_connections_past_the_file_limit_lose_no_job(tmp_path: Path) -> Non
     server = ServerProcess(
         tmp_path / "server",
         ["--model", "tiny", "--workers", "1", "--max-batch", "2", "--model-cache", str(tmp_path / "cache"),
-         "--api-key", KEY, "--keepalive-timeout", "3", "--max-connections", "200"],
+         "--api-key", KEY, "--keepalive-timeout", "2", "--max-connections", "200"],
         {},
     )
     server.args = ["prlimit", "--nofile=1024:1024", "--", *server.args]
@@ -188,7 +188,7 @@ def test_idle_connections_past_the_file_limit_lose_no_job(tmp_path: Path) -> Non
         idle = _open_idle(server.port, 1100)
         refused = requests.get(server.url + "/health", timeout=5)
         assert refused.status_code == 503 and refused.headers["Retry-After"] and "too many open connections" in refused.text
-        time.sleep(4)  # past the keep-alive timeout: the server has closed the idle ones it served
+        time.sleep(2.5)  # past the keep-alive timeout: the server has closed the idle ones it served
         health = requests.get(server.url + "/health", timeout=5)
         assert health.status_code == 200
         deadline = time.monotonic() + 120

@@ -10,13 +10,29 @@ part of the pytest suite, because it runs for minutes and its numbers are for a 
 By default it starts its own ``python -m service --model tiny`` on a free loopback port (so it can
 read the RSS of the server and its workers, and SIGKILL the workers); ``--url`` points it at a
 running server instead. Exit status 0 when no accepted image was lost, 1 otherwise.
+
+``--abuse`` adds, while the clients and kills run, what a hostile or unlucky public-tunnel user does,
+against a server started with tight bounds (``--max-connections 64 --keepalive-timeout 3
+--write-timeout 3 --max-queued-images 120``): hundreds of idle TCP connections (some with half a
+request head), re-opened as the server closes them; slow readers (``POST /generate`` of 4 base64
+images on a socket with a tiny receive buffer, never read); and every few seconds a burst of 10
+concurrent ``POST /jobs`` of 40 images. It then checks that the bounds held: no image lost, accepted
+and unfinished images never past the bound, the API process's RSS flat and its open files under
+the limit, idle connections closed and slow readers cut off, and a log that does not flood. The exit
+status is 1 if any check fails.
+
+    python -m benchmarks.soak --clients 2 --minutes 3 --workers 2 --kill-every 20 --abuse
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import json
 import os
+import re
+import statistics
 import random
 import shutil
 import signal
@@ -26,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -77,6 +94,14 @@ class Stats:
     # First and last (fds, threads) of the API process: growth between them is a per-kill leak.
     first_handles: tuple[int, int] | None = None
     last_handles: tuple[int, int] | None = None
+    # For --abuse: the API process's RSS at the first and last sample, and its most open fds.
+    first_api_rss: int = 0
+    last_api_rss: int = 0
+    max_fds: int = 0
+    # For --abuse: a client's connection answered by the server's connection cap (503 before any
+    # request is read), and requests that met it; neither is a request the server accepted.
+    cap_waits: int = 0
+    refused_cap: int = 0
     failures: list[str] = field(default_factory=list)
     kill_log: list[str] = field(default_factory=list)
 
@@ -111,7 +136,7 @@ def free_port() -> int:
 class OwnServer:
     """``python -m service --model tiny`` in a subprocess, logging to a file in its own temp dir."""
 
-    def __init__(self, workers: int, max_batch: int, model_cache: str) -> None:
+    def __init__(self, workers: int, max_batch: int, model_cache: str, extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="sdxl-soak-"))
         self.log_path = self.workdir / "server.log"
         self.image_dir = self.workdir / "images"
@@ -120,7 +145,7 @@ class OwnServer:
             sys.executable, "-m", "service", "--model", "tiny",
             "--workers", str(workers), "--max-batch", str(max_batch),
             "--port", str(self.port), "--host", "127.0.0.1",
-            "--image-dir", str(self.image_dir), "--model-cache", model_cache,
+            "--image-dir", str(self.image_dir), "--model-cache", model_cache, *extra_args,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
@@ -183,6 +208,51 @@ def get_health(session: requests.Session, url: str) -> dict[str, Any] | None:
         return None
 
 
+# The server's connection cap (--max-connections) answers a connection past it before the app sees
+# it: a 503 and a close, without the X-Request-Id header that every answer of the app carries.
+CAP_PATIENCE_S = 60.0
+
+
+def refused_by_cap(response: requests.Response) -> bool:
+    return response.status_code == 503 and "X-Request-Id" not in response.headers
+
+
+def get_through_cap(
+    session: requests.Session,
+    url: str,
+    on_refusal: Callable[[], None],
+    stop: threading.Event | None = None,
+    timeout: float = HEALTH_TIMEOUT_S,
+    patience: float = CAP_PATIENCE_S,
+) -> requests.Response | None:
+    """GET ``url`` until the server itself answers (not its connection cap, nor a connection reset
+    on the way in), for at most ``patience`` seconds or until ``stop``; None if it never did. The
+    session keeps that connection, so the next request on it is past the cap."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        try:
+            response = session.get(url, timeout=timeout)
+        except requests.RequestException:
+            response = None
+        if response is not None and not refused_by_cap(response):
+            return response
+        on_refusal()
+        pause = random.uniform(0.05, 0.3)
+        if stop is not None:
+            stop.wait(pause)
+        else:
+            time.sleep(pause)
+    return None
+
+
+def get_health_through_cap(session: requests.Session, url: str, stats: Stats) -> dict[str, Any] | None:
+    response = get_through_cap(session, url + "/health", lambda: stats.add(cap_waits=1))
+    try:
+        return None if response is None else response.json()
+    except ValueError:
+        return None
+
+
 def total_restarts(health: dict[str, Any] | None) -> int | None:
     if health is None:
         return None
@@ -227,8 +297,9 @@ def retry_after_seconds(response: requests.Response) -> float:
         return 1.0
 
 
-def check_images(session: requests.Session, job: Job, images: list[Any]) -> tuple[int, list[str]]:
-    """How many images are real PNGs (decoded, or fetched from their url), and what was wrong with the rest."""
+def check_images(session: requests.Session, job: Job, images: list[Any], stats: Stats | None = None) -> tuple[int, list[str]]:
+    """How many images are real PNGs (decoded, or fetched from their url), and what was wrong with the rest.
+    With ``stats`` (--abuse) a url whose connection the server's cap refused is fetched again."""
     good, problems = 0, []
     for i, item in enumerate(images):
         if not isinstance(item, str):
@@ -244,7 +315,14 @@ def check_images(session: requests.Session, job: Job, images: list[Any]) -> tupl
                 continue
         else:
             try:
-                reply = session.get(item, timeout=CLIENT_TIMEOUT_S)
+                if stats is None:
+                    reply = session.get(item, timeout=CLIENT_TIMEOUT_S)
+                else:
+                    got = get_through_cap(session, item, lambda: stats.add(cap_waits=1), timeout=CLIENT_TIMEOUT_S)
+                    if got is None:
+                        problems.append(f"GET {item}: refused by the connection cap for {CAP_PATIENCE_S:.0f} s")
+                        continue
+                    reply = got
             except requests.RequestException as exc:
                 problems.append(f"GET {item}: {type(exc).__name__}: {exc}")
                 continue
@@ -255,7 +333,7 @@ def check_images(session: requests.Session, job: Job, images: list[Any]) -> tupl
     return good, problems
 
 
-def check_success(session: requests.Session, job: Job, data: dict[str, Any]) -> tuple[int, list[str]]:
+def check_success(session: requests.Session, job: Job, data: dict[str, Any], stats: Stats | None = None) -> tuple[int, list[str]]:
     """Good images in a success body, and every way the body breaks the contract."""
     images = data.get("images")
     if not isinstance(images, list):
@@ -266,12 +344,20 @@ def check_success(session: requests.Session, job: Job, data: dict[str, Any]) -> 
     expected = [(job.seed + i) % SEED_MODULUS for i in range(job.images)]
     if data.get("seeds") != expected:
         problems.append(f"seeds {data.get('seeds')!r:.120} != {expected!r:.120}")
-    good, image_problems = check_images(session, job, images[: job.images])
+    good, image_problems = check_images(session, job, images[: job.images], stats)
     return good, problems + image_problems
 
 
-def run_one(session: requests.Session, url: str, job: Job, stats: Stats, stop: threading.Event, started: float) -> None:
-    """Send one request and book its outcome; a 503 is a refusal (wait Retry-After), never a loss."""
+def run_one(
+    session: requests.Session, url: str, job: Job, stats: Stats, stop: threading.Event, started: float, abuse: bool = False
+) -> None:
+    """Send one request and book its outcome; a 503 is a refusal (wait Retry-After), never a loss.
+
+    With ``abuse`` the connection is first made to pass the server's connection cap (a GET /health on
+    it that the server itself answers), so that a connection the cap turns away, which is no request
+    at all, is never booked as a lost one; the POST then goes out on that same connection."""
+    if abuse and get_through_cap(session, url + "/health", lambda: stats.add(cap_waits=1), stop=stop) is None:
+        return  # the clock ran out while the cap kept this client out: nothing was sent
     stats.add(sent=1)
     sent_at = time.monotonic() - started
     try:
@@ -280,6 +366,9 @@ def run_one(session: requests.Session, url: str, job: Job, stats: Stats, stop: t
         stamp = f"t={sent_at:.1f}-{time.monotonic() - started:.1f}s {job.describe()}"
         stats.add(images_requested=job.images)
         stats.record_failure(f"{stamp}: {type(exc).__name__}: {exc}")
+        return
+    if abuse and refused_by_cap(response):
+        stats.add(refused_cap=1)
         return
     if response.status_code == 503:
         stats.add(refused=1)
@@ -301,7 +390,7 @@ def run_one(session: requests.Session, url: str, job: Job, stats: Stats, stop: t
             f"{stamp}: HTTP {response.status_code}, success={data.get('success')!r}: {data.get('detail')!r:.300}"
         )
         return
-    good, problems = check_success(session, job, data)
+    good, problems = check_success(session, job, data, stats if abuse else None)
     stats.add(images_returned=good)
     if problems:
         stats.record_failure(f"{stamp}: HTTP 200 but " + "; ".join(problems[:3]))
@@ -309,13 +398,13 @@ def run_one(session: requests.Session, url: str, job: Job, stats: Stats, stop: t
         stats.add(done=1)
 
 
-def client_loop(url: str, stats: Stats, stop: threading.Event, started: float, seed: int) -> None:
+def client_loop(url: str, stats: Stats, stop: threading.Event, started: float, seed: int, abuse: bool = False) -> None:
     """One client: requests back to back until the clock runs out; the one in flight is finished."""
     rng = random.Random(seed)
     with requests.Session() as session:
         index = seed  # so clients do not all use the same format at the same time
         while not stop.is_set():
-            run_one(session, url, make_job(rng, index), stats, stop, started)
+            run_one(session, url, make_job(rng, index), stats, stop, started, abuse)
             index += 1
 
 
@@ -323,9 +412,11 @@ def client_loop(url: str, stats: Stats, stop: threading.Event, started: float, s
 # Killer and sampler
 
 
-def kill_one_worker(session: requests.Session, url: str, rng: random.Random, stats: Stats, started: float) -> None:
+def kill_one_worker(
+    session: requests.Session, url: str, rng: random.Random, stats: Stats, started: float, abuse: bool = False
+) -> None:
     """SIGKILL a random worker that holds (or could hold) work: killing a starting one tests nothing new."""
-    health = get_health(session, url)
+    health = get_health_through_cap(session, url, stats) if abuse else get_health(session, url)
     if health is None:
         return
     victims = [w for w in health.get("workers", []) if w.get("pid") and w.get("state") in ("ready", "busy")]
@@ -347,11 +438,11 @@ def kill_one_worker(session: requests.Session, url: str, rng: random.Random, sta
         )
 
 
-def killer_loop(url: str, every: float, stats: Stats, stop: threading.Event, started: float) -> None:
+def killer_loop(url: str, every: float, stats: Stats, stop: threading.Event, started: float, abuse: bool = False) -> None:
     rng = random.Random(0xC0FFEE)
     with requests.Session() as session:
         while not stop.wait(every):
-            kill_one_worker(session, url, rng, stats, started)
+            kill_one_worker(session, url, rng, stats, started, abuse)
 
 
 def rss_of(pid: int) -> int:
@@ -416,10 +507,654 @@ def sampler_loop(server_pid: int, stats: Stats, stop: threading.Event) -> None:
             stats.peak_api_rss = max(stats.peak_api_rss, api)
             stats.peak_total_rss = max(stats.peak_total_rss, total)
             stats.rss_samples += 1
+            if api:
+                stats.first_api_rss = stats.first_api_rss or api
+                stats.last_api_rss = api
             if handles is not None:
                 stats.first_handles = stats.first_handles or handles
                 stats.last_handles = handles
+                stats.max_fds = max(stats.max_fds, handles[0])
         stop.wait(SAMPLE_INTERVAL_S)
+
+
+# --------------------------------------------------------------------------------------------------
+# Abuse (--abuse): what a hostile or unlucky public-tunnel user does, and the bounds that must hold
+
+# The server started with --abuse gets these bounds, tight enough for a short run to reach them all.
+ABUSE_MAX_CONNECTIONS = 64
+ABUSE_KEEPALIVE_S = 3.0
+ABUSE_WRITE_TIMEOUT_S = 3.0
+ABUSE_MAX_QUEUED_IMAGES = 120
+ABUSE_SERVER_ARGS = (
+    "--max-connections", str(ABUSE_MAX_CONNECTIONS), "--keepalive-timeout", f"{ABUSE_KEEPALIVE_S:g}",
+    "--write-timeout", f"{ABUSE_WRITE_TIMEOUT_S:g}", "--max-queued-images", str(ABUSE_MAX_QUEUED_IMAGES),
+)  # fmt: skip
+# One idle connection in this many sends half a request head (request line and a header, no blank line).
+HALF_HEAD_EVERY = 4
+HALF_HEAD = b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+IDLE_CONNECT_TIMEOUT_S = 10.0
+# An idle connection still open this long after it was accepted breaks --keepalive-timeout.
+IDLE_OVERDUE_S = ABUSE_KEEPALIVE_S + 10.0
+SLOW_READER_IMAGES = 4
+SLOW_READER_RCVBUF = 1024  # Linux doubles it and raises it to its minimum: about 2 KiB
+# A slow reader not cut off this long after its answer began breaks --write-timeout.
+SLOW_READER_OVERDUE_S = ABUSE_WRITE_TIMEOUT_S + 30.0
+BURST_SIZE = 10
+BURST_PROMPTS, BURST_IMAGES_PER_PROMPT = 10, 4  # 40 images a job
+TRACK_INTERVAL_S = 0.5
+RSS_GROWTH_LIMIT = 150 * 2**20
+LOG_LINES_PER_MINUTE_LIMIT = 2000
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # tcpi_state (include/net/tcp_states.h)
+FINISHED_JOB_STATES = ("done", "failed", "cancelled")
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\S+) (\S+) (.*)$")
+
+
+@dataclass
+class BurstJob:
+    """A burst job the server accepted (202), as last seen by GET /jobs/{id}."""
+
+    job_id: str
+    images: int
+    accepted_at: float  # monotonic, when its 202 came back: the server had accepted it before
+    state: str = "queued"
+    images_done: int = 0
+    detail: str | None = None
+    ended: bool = False
+    cancelled_by_us: bool = False
+
+    @property
+    def unfinished(self) -> int:
+        return 0 if self.ended else self.images - self.images_done
+
+
+@dataclass
+class AbuseStats:
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Idle connections: opened (TCP handshake done), answered by the cap (503, closed), closed by the
+    # server without a word after the keep-alive timeout (FIN, or a reset), still open when they
+    # should not be (we closed them), and open when the run ended.
+    idle_opened: int = 0
+    idle_opened_half: int = 0
+    idle_refused: int = 0
+    idle_closed: int = 0
+    idle_reset: int = 0
+    idle_overdue: int = 0
+    idle_open_at_end: int = 0
+    idle_connect_errors: int = 0
+    idle_lifetimes: list[float] = field(default_factory=list)
+    idle_half_lifetimes: list[float] = field(default_factory=list)
+    idle_answers: Counter[str] = field(default_factory=Counter)
+    # Slow readers
+    slow_cap_waits: int = 0
+    slow_sent: int = 0
+    slow_accepted: int = 0
+    slow_cut: int = 0
+    slow_cut_after_answer: list[float] = field(default_factory=list)
+    slow_cut_after_sent: list[float] = field(default_factory=list)
+    slow_closed_gracefully: int = 0
+    slow_not_cut: int = 0
+    slow_refused_busy: int = 0
+    slow_other: Counter[str] = field(default_factory=Counter)
+    slow_abandoned: int = 0
+    slow_job_ids: list[str] = field(default_factory=list)
+    # Bursts: (seconds into the run, 202s, 503s of the queue bound, cap refusals, others)
+    bursts: list[tuple[float, int, int, int, int]] = field(default_factory=list)
+    burst_cap_waits: int = 0
+    burst_other: list[str] = field(default_factory=list)
+    jobs: dict[str, BurstJob] = field(default_factory=dict)
+    cancelled_at_end: int = 0
+    # The bound, sampled
+    track_samples: int = 0
+    track_cap_waits: int = 0
+    max_unfinished: int = 0
+    max_unfinished_at: float = 0.0
+    over_bound_streak: int = 0
+    over_bound: list[str] = field(default_factory=list)
+    health_samples: int = 0
+    max_queued_images: int = 0
+    max_active_jobs: int = 0
+    max_active_requests: int = 0
+    max_health_estimate: int = 0
+    load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+def cap_answer(data: bytes) -> bool:
+    """Raw bytes a connection got: the cap's 503 (no X-Request-Id, which the app puts on every answer)."""
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    return head.startswith(b"http/1.1 503") and b"x-request-id" not in head
+
+
+def first_line(data: bytes) -> str:
+    return data.split(b"\r\n", 1)[0].decode("latin-1")[:60] or "(nothing)"
+
+
+def median_max(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"median {statistics.median(values):.2f} s, max {max(values):.2f} s"
+
+
+class IdleFlood:
+    """``count`` TCP connections that send nothing (one in HALF_HEAD_EVERY sends half a request head),
+    each opened again as soon as the server has closed it: the cap answers those past it, the
+    keep-alive timeout closes those it took."""
+
+    def __init__(self, host: str, port: int, count: int, reopen_delay: float, stats: AbuseStats) -> None:
+        self.host, self.port, self.count, self.reopen_delay, self.stats = host, port, count, reopen_delay, stats
+
+    def run(self, stop: threading.Event) -> None:
+        asyncio.run(self._main(stop))
+
+    async def _main(self, stop: threading.Event) -> None:
+        tasks = [asyncio.create_task(self._connection(i, stop)) for i in range(self.count)]
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _connection(self, index: int, stop: threading.Event) -> None:
+        half = index % HALF_HEAD_EVERY == HALF_HEAD_EVERY - 1
+        rng = random.Random(index)
+        await asyncio.sleep(index * 0.01)  # all of them open within the first few seconds
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), IDLE_CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError):
+                self.stats.add(idle_connect_errors=1)
+                await asyncio.sleep(self.reopen_delay)
+                continue
+            opened = time.monotonic()
+            self.stats.add(idle_opened=1, idle_opened_half=int(half))
+            try:
+                if half:
+                    writer.write(HALF_HEAD)
+                outcome, data = await self._until_closed(reader)
+            except asyncio.CancelledError:
+                self.stats.add(idle_open_at_end=1)
+                writer.transport.abort()
+                raise
+            writer.transport.abort()  # a reset: no TIME_WAIT left on this side
+            lifetime = time.monotonic() - opened
+            with self.stats.lock:
+                if outcome == "refused":
+                    self.stats.idle_refused += 1
+                elif outcome == "overdue":
+                    self.stats.idle_overdue += 1
+                else:
+                    self.stats.idle_closed += outcome == "closed"
+                    self.stats.idle_reset += outcome == "reset"
+                    (self.stats.idle_half_lifetimes if half else self.stats.idle_lifetimes).append(lifetime)
+                    if data:
+                        self.stats.idle_answers[first_line(data)] += 1
+            if outcome == "refused":
+                await asyncio.sleep(rng.uniform(0.5, 1.5) * self.reopen_delay)
+
+    async def _until_closed(self, reader: asyncio.StreamReader) -> tuple[str, bytes]:
+        data = b""
+        deadline = time.monotonic() + IDLE_OVERDUE_S
+        try:
+            while True:
+                chunk = await asyncio.wait_for(reader.read(4096), max(0.0, deadline - time.monotonic()))
+                if not chunk:
+                    return ("refused" if cap_answer(data) else "closed"), data
+                data = (data + chunk)[:4096]
+        except TimeoutError:
+            return "overdue", data
+        except OSError:
+            return ("refused" if cap_answer(data) else "reset"), data
+
+
+def read_http_response(sock: socket.socket) -> bytes:
+    """One whole small response (head and Content-Length body) from a blocking socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def slow_reader_once(host: str, port: int, rng: random.Random, stats: AbuseStats, stop: threading.Event) -> str:
+    """One POST /generate of 4 base64 images, on a socket with a tiny receive buffer, never read:
+    the server must cut it off ``--write-timeout`` after its writes stop moving. Only MSG_PEEK looks
+    at the answer (its status line and headers), so the window stays shut."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_READER_RCVBUF)  # before connect: the window
+        sock.settimeout(HEALTH_TIMEOUT_S)
+        try:  # past the cap first, on this very connection: the server's own answer to GET /health
+            sock.connect((host, port))
+            sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+            answer = read_http_response(sock)
+        except OSError:
+            answer = b""
+        if not answer or cap_answer(answer):
+            stats.add(slow_cap_waits=1)
+            return "cap"
+        body = json.dumps(
+            {
+                "prompts": [" ".join(rng.choices(WORDS, k=5))],
+                "num_images_per_prompt": SLOW_READER_IMAGES,
+                "seed": rng.randrange(SEED_MODULUS),
+                "return_format": "base64",
+            }
+        ).encode()
+        head = (
+            f"POST /generate HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock.sendall(head + body)
+        sent = time.monotonic()
+        stats.add(slow_sent=1)
+        answer_at: float | None = None
+        while True:
+            try:
+                peeked = sock.recv(2048, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                peeked = b""
+            except OSError:
+                peeked = b""
+            now = time.monotonic()
+            if peeked and answer_at is None:
+                answer_at = now
+                if not peeked.startswith(b"HTTP/1.1 200"):
+                    with stats.lock:
+                        if peeked.startswith(b"HTTP/1.1 503"):
+                            stats.slow_refused_busy += 1
+                        else:
+                            stats.slow_other[first_line(peeked)] += 1
+                    return "refused"
+                stats.add(slow_accepted=1)
+            if answer_at is not None:
+                job = re.search(rb"(?im)^x-job-id:\s*([0-9a-f]+)", peeked)
+                if job and job.group(1).decode() not in stats.slow_job_ids:
+                    with stats.lock:
+                        stats.slow_job_ids.append(job.group(1).decode())
+            state = tcp_state(sock)
+            if state == TCP_CLOSE:  # the server reset the connection: cut off
+                with stats.lock:
+                    stats.slow_cut += 1
+                    stats.slow_cut_after_sent.append(now - sent)
+                    if answer_at is not None:
+                        stats.slow_cut_after_answer.append(now - answer_at)
+                return "cut"
+            if state == TCP_CLOSE_WAIT:  # closed with a FIN: the whole answer went out, or a small one
+                with stats.lock:
+                    stats.slow_closed_gracefully += 1
+                    stats.slow_other[f"closed (FIN): {first_line(peeked)}"] += 1
+                return "closed"
+            if answer_at is not None and now - answer_at > SLOW_READER_OVERDUE_S:
+                stats.add(slow_not_cut=1)
+                return "not cut"
+            if answer_at is None and stop.is_set():
+                stats.add(slow_abandoned=1)  # still queued when the clock ran out
+                return "abandoned"
+            time.sleep(0.05)
+    finally:
+        sock.close()
+
+
+def slow_reader_loop(host: str, port: int, index: int, stats: AbuseStats, stop: threading.Event) -> None:
+    rng = random.Random(0x5104 + index)
+    while not stop.is_set():
+        outcome = slow_reader_once(host, port, rng, stats, stop)
+        stop.wait({"cap": 0.2, "refused": 1.0}.get(outcome, 2.0))
+
+
+def burst(url: str, number: int, rng: random.Random, stats: AbuseStats, stop: threading.Event, started: float) -> None:
+    """BURST_SIZE POST /jobs of 40 images at once, each on a connection already past the cap."""
+    barrier = threading.Barrier(BURST_SIZE)
+    outcomes: list[str] = []
+    seeds = [rng.randrange(SEED_MODULUS) for _ in range(BURST_SIZE)]
+
+    def one(i: int) -> None:
+        body = {
+            "prompts": [f"burst {number} job {i} " + " ".join(rng.choices(WORDS, k=4)) for _ in range(BURST_PROMPTS)],
+            "num_images_per_prompt": BURST_IMAGES_PER_PROMPT,
+            "seed": seeds[i],
+            "return_format": "url",
+        }
+        with requests.Session() as session:
+            ready = get_through_cap(session, url + "/health", lambda: stats.add(burst_cap_waits=1), stop=stop, patience=20.0)
+            try:
+                barrier.wait(timeout=60.0)
+            except threading.BrokenBarrierError:
+                pass
+            if ready is None:
+                outcomes.append("no connection")
+                return
+            try:
+                response = session.post(url + "/jobs", json=body, timeout=CLIENT_TIMEOUT_S)
+            except requests.RequestException as exc:
+                outcomes.append(f"error: {type(exc).__name__}: {exc}")
+                return
+            if response.status_code == 202:
+                data = response.json()
+                job = BurstJob(data["job_id"], int(data["images_total"]), time.monotonic())
+                with stats.lock:
+                    stats.jobs[job.job_id] = job
+                outcomes.append("accepted")
+            elif refused_by_cap(response):
+                outcomes.append("cap")
+            elif response.status_code == 503 and "busy" in response.text:
+                outcomes.append("busy")
+            else:
+                outcomes.append(f"HTTP {response.status_code}: {response.text[:160]}")
+
+    threads = [start_thread(one, i, name=f"burst-{number}-{i}") for i in range(BURST_SIZE)]
+    for thread in threads:
+        thread.join()
+    counts = Counter(o if o in ("accepted", "busy", "cap") else "other" for o in outcomes)
+    with stats.lock:
+        stats.bursts.append((time.monotonic() - started, counts["accepted"], counts["busy"], counts["cap"], counts["other"]))
+        stats.burst_other.extend(o for o in outcomes if o not in ("accepted", "busy", "cap"))
+
+
+def burst_loop(url: str, every: float, stats: AbuseStats, stop: threading.Event, started: float) -> None:
+    rng = random.Random(0xB0057)
+    number = 0
+    while not stop.wait(every):
+        number += 1
+        burst(url, number, rng, stats, stop, started)
+
+
+def track_once(session: requests.Session, url: str, stats: AbuseStats, bound: int, started: float) -> None:
+    """One sample of the bound. /health gives queued_images and active_jobs; the burst jobs give a
+    lower bound of the images the server holds accepted and unfinished: only jobs whose 202 came back
+    before this sweep began, each with what GET /jobs/{id} says is left (which only shrinks, so a value
+    read during the sweep is at most what was left when it began)."""
+    begun = time.monotonic()
+    on_refusal = lambda: stats.add(track_cap_waits=1)  # noqa: E731
+    response = get_through_cap(session, url + "/health", on_refusal, patience=10.0)
+    try:
+        health = response.json() if response is not None else None
+    except ValueError:
+        health = None
+    with stats.lock:
+        jobs = [job for job in stats.jobs.values() if not job.ended and job.accepted_at < begun]
+    for job in jobs:
+        reply = get_through_cap(session, url + f"/jobs/{job.job_id}", on_refusal, patience=10.0)
+        if reply is None or reply.status_code != 200:
+            continue
+        data = reply.json()
+        with stats.lock:
+            job.state = str(data.get("state"))
+            job.images_done = int(data.get("images_done") or 0)
+            job.detail = data.get("detail")
+            if job.state in FINISHED_JOB_STATES:
+                job.ended = True
+                if job.state == "done" and len(data.get("images") or []) != job.images:
+                    job.detail = f"done with {len(data.get('images') or [])} image(s) of {job.images}"
+                    job.state = "done-incomplete"
+    unfinished = sum(job.unfinished for job in jobs)
+    with stats.lock:
+        stats.track_samples += 1
+        if unfinished > stats.max_unfinished:
+            stats.max_unfinished, stats.max_unfinished_at = unfinished, begun - started
+        # Two sweeps in a row: an image a worker just finished is no longer counted by the server
+        # while it is being stored, and GET /jobs/{id} counts it until it is.
+        stats.over_bound_streak = stats.over_bound_streak + 1 if unfinished > bound else 0
+        if stats.over_bound_streak >= 2:
+            stats.over_bound.append(
+                f"t={begun - started:.1f}s: {unfinished} image(s) of {len(jobs)} accepted burst job(s) unfinished, bound {bound}"
+            )
+        if health is not None and "queued_images" in health:
+            stats.health_samples += 1
+            queued = int(health.get("queued_images") or 0)
+            stats.max_queued_images = max(stats.max_queued_images, queued)
+            stats.max_active_jobs = max(stats.max_active_jobs, int(health.get("active_jobs") or 0))
+            stats.max_active_requests = max(stats.max_active_requests, int(health.get("active_requests") or 0))
+            in_flight = sum(int(w.get("shards_in_flight") or 0) for w in health.get("workers", []))
+            stats.max_health_estimate = max(stats.max_health_estimate, queued + in_flight)
+
+
+def track_loop(url: str, stats: AbuseStats, bound: int, stop: threading.Event, started: float) -> None:
+    with requests.Session() as session:  # sampled more often than the keep-alive timeout: one connection
+        while not stop.is_set():
+            track_once(session, url, stats, bound, started)
+            stop.wait(TRACK_INTERVAL_S)
+
+
+def cancel_burst_jobs(url: str, stats: AbuseStats) -> None:
+    """DELETE the burst jobs still unfinished when the clock ran out, so that the stop does not wait for them."""
+    with stats.lock:
+        jobs = [job for job in stats.jobs.values() if not job.ended]
+    with requests.Session() as session:
+        for job in jobs:
+            try:
+                response = session.delete(url + f"/jobs/{job.job_id}", timeout=HEALTH_TIMEOUT_S)
+            except requests.RequestException:
+                continue
+            if response.status_code == 200:
+                with stats.lock:
+                    job.cancelled_by_us = True
+                    stats.cancelled_at_end += 1
+
+
+def fd_limit(pid: int) -> int | None:
+    """The soft limit of open files of a process, from /proc/<pid>/limits."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass
+class LogFigures:
+    lines: int = 0
+    access: int = 0
+    other: int = 0
+    minutes: float = 0.0
+    max_other_per_minute: int = 0  # most non-access lines in any 60 s window
+    max_access_per_minute: int = 0
+    errors: int = 0
+    tracebacks: int = 0
+    top: list[tuple[str, int]] = field(default_factory=list)
+    went_away: set[str] = field(default_factory=set)
+
+
+def most_in_a_minute(times: list[float]) -> int:
+    best, first = 0, 0
+    for last, stamp in enumerate(times):
+        while stamp - times[first] >= 60.0:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+def read_log(path: Path) -> LogFigures:
+    """Lines of the server's log: one access line per request (``service.access``) counted apart from
+    the rest; a line without a time stamp (a traceback's) counts at the time of the line before it."""
+    figures = LogFigures()
+    access_times: list[float] = []
+    other_times: list[float] = []
+    messages: Counter[str] = Counter()
+    stamp = None
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return figures
+    for line in text.splitlines():
+        figures.lines += 1
+        match = LOG_LINE.match(line)
+        if match:
+            stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+            logger, level, message = match.group(3), match.group(4), match.group(5)
+        else:
+            logger, level, message = "", "", line
+        if logger == "service.access":
+            figures.access += 1
+            if stamp is not None:
+                access_times.append(stamp)
+            continue
+        figures.other += 1
+        if stamp is not None:
+            other_times.append(stamp)
+        figures.errors += level in ("ERROR", "CRITICAL")
+        figures.tracebacks += line.startswith("Traceback")
+        went = re.search(r"job ([0-9a-f]{32}): the client went away", message)
+        if went:
+            figures.went_away.add(went.group(1))
+        messages[re.sub(r"[0-9a-f]{32}|\d+(\.\d+)?", "#", f"{logger} {level} {message}".strip())[:110]] += 1
+    stamps = access_times + other_times
+    figures.minutes = (max(stamps) - min(stamps)) / 60 if len(stamps) > 1 else 0.0
+    figures.max_other_per_minute = most_in_a_minute(other_times)
+    figures.max_access_per_minute = most_in_a_minute(access_times)
+    figures.top = messages.most_common(8)
+    return figures
+
+
+class Abuse:
+    """The abuse threads of one run: idle flood, slow readers, bursts, and the tracker of the bound."""
+
+    def __init__(self, args: argparse.Namespace, url: str) -> None:
+        self.args = args
+        self.url = url
+        host_port = url.split("//", 1)[1]
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.bound = ABUSE_MAX_QUEUED_IMAGES
+        self.stats = AbuseStats()
+        self.stop = threading.Event()  # set with the clients' stop
+        self.stop_tracker = threading.Event()  # set once the burst jobs left are cancelled
+        self.threads: list[threading.Thread] = []
+        self.tracker: threading.Thread | None = None
+
+    def start(self, started: float) -> None:
+        self.stats.load_start = os.getloadavg()
+        flood = IdleFlood(self.host, self.port, self.args.abuse_idle, self.args.abuse_reopen_delay, self.stats)
+        self.threads.append(start_thread(flood.run, self.stop, name="idle-flood"))
+        for i in range(self.args.abuse_slow_readers):
+            self.threads.append(start_thread(slow_reader_loop, self.host, self.port, i, self.stats, self.stop, name=f"slow-reader-{i}"))
+        self.threads.append(start_thread(burst_loop, self.url, self.args.abuse_burst_every, self.stats, self.stop, started, name="bursts"))
+        self.tracker = start_thread(track_loop, self.url, self.stats, self.bound, self.stop_tracker, started, name="tracker")
+
+    def finish(self) -> None:
+        """After the clients' stop: end the abuse, cancel the burst jobs left, one last sample."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+        cancel_burst_jobs(self.url, self.stats)
+        self.stop_tracker.set()
+        if self.tracker:
+            self.tracker.join()
+        with requests.Session() as session:
+            track_once(session, self.url, self.stats, self.bound, time.monotonic())
+        self.stats.load_end = os.getloadavg()
+
+
+def print_abuse_summary(stats: Stats, run: Abuse, log: LogFigures, limit: int | None) -> list[tuple[bool, str]]:
+    """The abuse figures, then the checks; returns (passed, line) for each check."""
+    abuse = run.stats
+    jobs = list(abuse.jobs.values())
+    states = Counter("cancelled at the end" if job.cancelled_by_us else job.state for job in jobs)
+    accepted = sum(b[1] for b in abuse.bursts)
+    most_in_burst = max((b[1] for b in abuse.bursts), default=0)
+    allowed_in_burst = ABUSE_MAX_QUEUED_IMAGES // (BURST_PROMPTS * BURST_IMAGES_PER_PROMPT)
+    half = abuse.idle_opened_half
+    rows: list[tuple[str, Any]] = [
+        ("server bounds", " ".join(ABUSE_SERVER_ARGS)),
+        ("load average", f"{' '.join(f'{x:.2f}' for x in abuse.load_start)} at start, "
+         f"{' '.join(f'{x:.2f}' for x in abuse.load_end)} at end ({os.cpu_count()} CPUs)"),
+        ("idle connections opened", f"{abuse.idle_opened} ({half} with half a request head), {run.args.abuse_idle} at a time"),
+        ("  refused by the cap (503)", abuse.idle_refused),
+        ("  closed by the server", f"{abuse.idle_closed + abuse.idle_reset} ({abuse.idle_reset} with a reset); "
+         f"open for {median_max(abuse.idle_lifetimes)} (no bytes), {median_max(abuse.idle_half_lifetimes)} (half a head)"),
+        ("  what the server said", ", ".join(f"{k!r} x{v}" for k, v in abuse.idle_answers.most_common(4)) or "nothing"),
+        ("  not closed in time", f"{abuse.idle_overdue} (open > {IDLE_OVERDUE_S:g} s)"),
+        ("  open when the run ended", abuse.idle_open_at_end),
+        ("  connect errors/timeouts", abuse.idle_connect_errors),
+        ("slow readers sent", f"{abuse.slow_sent} POST /generate ({SLOW_READER_IMAGES} base64 images; "
+         f"{abuse.slow_cap_waits} connection(s) turned away by the cap first)"),
+        ("  answered 200, unread", abuse.slow_accepted),
+        ("  cut off by the server", f"{abuse.slow_cut}: {median_max(abuse.slow_cut_after_answer)} after the answer began, "
+         f"{median_max(abuse.slow_cut_after_sent)} after the request"),
+        ("  confirmed in the log", f"{len(log.went_away & set(abuse.slow_job_ids))} of {len(abuse.slow_job_ids)} "
+         "job(s): 'the client went away; the job goes on'"),
+        ("  not cut off / closed", f"{abuse.slow_not_cut} / {abuse.slow_closed_gracefully}"),
+        ("  refused 503 (queue full)", abuse.slow_refused_busy),
+        ("  other answers", dict(abuse.slow_other) or 0),
+        ("  no answer by the end", abuse.slow_abandoned),
+        ("bursts", f"{len(abuse.bursts)} x {BURST_SIZE} POST /jobs of {BURST_PROMPTS * BURST_IMAGES_PER_PROMPT} images"),
+        ("  accepted (202)", f"{accepted}; at most {most_in_burst} in one burst (the bound allows {allowed_in_burst})"),
+        ("  refused 503 (queue full)", sum(b[2] for b in abuse.bursts)),
+        ("  refused by the cap", f"{sum(b[3] for b in abuse.bursts)} (after {abuse.burst_cap_waits} retried connects)"),
+        ("  other", f"{sum(b[4] for b in abuse.bursts)} {abuse.burst_other[:3] if abuse.burst_other else ''}".strip()),
+        ("  burst jobs ended", dict(states) or 0),
+        ("accepted unfinished (max)", f"{abuse.max_unfinished} image(s) of burst jobs at t={abuse.max_unfinished_at:.0f}s, "
+         f"bound {ABUSE_MAX_QUEUED_IMAGES} ({abuse.track_samples} samples)"),
+        ("/health (max)", f"queued_images {abuse.max_queued_images}, active_jobs {abuse.max_active_jobs}, "
+         f"active_requests {abuse.max_active_requests}, queued + shards in flight {abuse.max_health_estimate} "
+         f"({abuse.health_samples} samples)"),
+        ("client connects past cap", f"{stats.cap_waits} retried; {stats.refused_cap} request(s) refused by the cap"),
+        ("API RSS start/peak/end", f"{mib(stats.first_api_rss)} / {mib(stats.peak_api_rss)} / {mib(stats.last_api_rss)}"),
+        ("API open fds (max)", f"{stats.max_fds} of a limit of {limit if limit is not None else 'unknown'} "
+         f"(--max-connections {ABUSE_MAX_CONNECTIONS})"),
+        ("server log", f"{log.lines} lines in {log.minutes:.1f} min: {log.access} access "
+         f"({log.access / log.minutes if log.minutes else 0:.0f}/min, max {log.max_access_per_minute} in 60 s), "
+         f"{log.other} other ({log.other / log.minutes if log.minutes else 0:.0f}/min, max {log.max_other_per_minute} in 60 s)"),
+        ("  errors / tracebacks", f"{log.errors} / {log.tracebacks}"),
+    ]
+    print("\n== abuse ==")
+    for label, value in rows:
+        print(f"{label:<27} {value}")
+    print("  most frequent non-access log lines:")
+    for message, count in log.top:
+        print(f"    {count:>6}  {message}")
+    failed_jobs = [job for job in jobs if job.state not in ("done", "cancelled") and job.ended]
+    for job in failed_jobs[:MAX_FAILURE_EXAMPLES]:
+        print(f"  burst job {job.job_id} {job.state}: {job.detail}")
+    for line in abuse.over_bound[:MAX_FAILURE_EXAMPLES]:
+        print(f"  past the bound: {line}")
+    growth = stats.last_api_rss - stats.first_api_rss
+    peak_growth = stats.peak_api_rss - stats.first_api_rss
+    checks = [
+        (stats.images_lost == 0, f"images lost: {stats.images_lost} (must be 0)"),
+        (not abuse.over_bound and abuse.track_samples > 0,
+         f"accepted unfinished burst images at most {abuse.max_unfinished}, bound {ABUSE_MAX_QUEUED_IMAGES}"),
+        (most_in_burst <= allowed_in_burst, f"most jobs accepted in one burst: {most_in_burst} (at most {allowed_in_burst})"),
+        (abuse.max_queued_images <= ABUSE_MAX_QUEUED_IMAGES and abuse.health_samples > 0,
+         f"/health queued_images at most {abuse.max_queued_images}, bound {ABUSE_MAX_QUEUED_IMAGES}"),
+        (not failed_jobs, f"burst jobs failed: {len(failed_jobs)}"),
+        (growth <= RSS_GROWTH_LIMIT and peak_growth <= RSS_GROWTH_LIMIT,
+         f"API RSS growth: end {growth / 2**20:+.0f} MiB, peak {peak_growth / 2**20:+.0f} MiB (at most +{mib(RSS_GROWTH_LIMIT)})"),
+        (limit is not None and 0 < stats.max_fds < limit, f"API open fds at most {stats.max_fds}, limit {limit}"),
+        (abuse.idle_overdue == 0 and abuse.idle_closed + abuse.idle_reset > 0,
+         f"idle connections closed by the server: {abuse.idle_closed + abuse.idle_reset}, none open past {IDLE_OVERDUE_S:g} s "
+         f"({abuse.idle_overdue} were)"),
+        (abuse.idle_refused > 0, f"connections past the cap answered 503: {abuse.idle_refused}"),
+        (abuse.slow_not_cut == 0 and abuse.slow_cut > 0 and abuse.slow_closed_gracefully == 0,
+         f"slow readers cut off: {abuse.slow_cut} of {abuse.slow_accepted} answered (none left hanging: {abuse.slow_not_cut})"),
+        (log.max_other_per_minute <= LOG_LINES_PER_MINUTE_LIMIT,
+         f"log lines other than access: at most {log.max_other_per_minute} in 60 s (at most {LOG_LINES_PER_MINUTE_LIMIT})"),
+    ]
+    print("\n== checks ==")
+    for passed, line in checks:
+        print(f"{'PASS' if passed else 'FAIL'}  {line}")
+    return checks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,35 +1204,45 @@ def print_summary(args: argparse.Namespace, stats: Stats, duration: float, resta
             print("  " + line)
 
 
-def soak(args: argparse.Namespace, url: str, server_pid: int | None) -> tuple[Stats, float, int | None]:
-    """Run clients, killer and sampler for the given minutes; returns stats, duration and restarts seen."""
+def soak(
+    args: argparse.Namespace, url: str, server_pid: int | None, abuse: Abuse | None = None
+) -> tuple[Stats, float, int | None]:
+    """Run clients, killer and sampler (and the abuse, if any) for the given minutes; returns stats,
+    duration and restarts seen."""
     stats = Stats()
     with requests.Session() as session:
         baseline = total_restarts(get_health(session, url)) or 0
     stop_clients, stop_sampler = threading.Event(), threading.Event()
     started = time.monotonic()
     sampler = start_thread(sampler_loop, server_pid, stats, stop_sampler, name="sampler") if server_pid else None
+    abusing = abuse is not None
     killer = (
-        start_thread(killer_loop, url, args.kill_every, stats, stop_clients, started, name="killer")
+        start_thread(killer_loop, url, args.kill_every, stats, stop_clients, started, abusing, name="killer")
         if args.kill_every > 0
         else None
     )
     clients = [
-        start_thread(client_loop, url, stats, stop_clients, started, args.seed + i, name=f"client-{i}")
+        start_thread(client_loop, url, stats, stop_clients, started, args.seed + i, abusing, name=f"client-{i}")
         for i in range(args.clients)
     ]
+    if abuse:
+        abuse.start(started)
     try:
         stop_clients.wait(args.minutes * 60)
     except KeyboardInterrupt:
         print("interrupted: finishing the requests in flight", file=sys.stderr)
     stop_clients.set()
+    if abuse:
+        abuse.stop.set()
     for thread in clients:
         thread.join()
     duration = time.monotonic() - started
     if killer:
         killer.join()
+    if abuse:
+        abuse.finish()
     with requests.Session() as session:
-        seen = total_restarts(get_health(session, url))
+        seen = total_restarts(get_health_through_cap(session, url, stats) if abuse else get_health(session, url))
     stop_sampler.set()
     if sampler:
         sampler.join()
@@ -526,17 +1271,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=1234, help="seed of the clients' random request mix")
     parser.add_argument("--keep-images", action="store_true", help="keep the url images of the started server")
+    parser.add_argument(
+        "--abuse",
+        action="store_true",
+        help="also flood idle connections, run slow readers and bursts of POST /jobs against a server started with "
+        f"{' '.join(ABUSE_SERVER_ARGS)}, and check that its bounds hold (exit status 1 if one does not)",
+    )
+    parser.add_argument("--abuse-idle", type=int, default=300, help="idle TCP connections held open at a time (--abuse)")
+    parser.add_argument(
+        "--abuse-reopen-delay", type=float, default=0.25, help="seconds an idle connection the cap refused waits before it opens again (--abuse)"
+    )
+    parser.add_argument("--abuse-slow-readers", type=int, default=2, help="concurrent slow readers (--abuse)")
+    parser.add_argument(
+        "--abuse-burst-every", type=float, default=5.0, help=f"seconds between bursts of {BURST_SIZE} POST /jobs (--abuse)"
+    )
     args = parser.parse_args(argv)
     if args.clients < 1 or args.workers < 1 or args.max_batch < 1:
         parser.error("--clients, --workers and --max-batch must be at least 1")
     if args.minutes <= 0 or args.kill_every < 0:
         parser.error("--minutes must be positive and --kill-every not negative")
+    if args.abuse and args.url:
+        parser.error("--abuse starts its own server (it reads the server's RSS, open files and log): leave out --url")
+    if args.abuse_idle < 0 or args.abuse_slow_readers < 0 or args.abuse_burst_every <= 0 or args.abuse_reopen_delay < 0:
+        parser.error("--abuse-idle, --abuse-slow-readers and --abuse-reopen-delay must not be negative, --abuse-burst-every positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    server = None if args.url else OwnServer(args.workers, args.max_batch, args.model_cache)
+    server = None if args.url else OwnServer(args.workers, args.max_batch, args.model_cache, ABUSE_SERVER_ARGS if args.abuse else ())
     url = args.url.rstrip("/") if args.url else ""
     if server:
         print(f"starting server: {' '.join(server.args)}\n  in {server.workdir}", flush=True)
@@ -550,16 +1313,35 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"using the running server at {url}: RSS cannot be measured (it is not our process)", flush=True)
     print(f"soaking {url} with {args.clients} client(s) for {args.minutes:g} min, kill every {args.kill_every:g} s", flush=True)
+    abuse = Abuse(args, url) if args.abuse else None
+    if abuse:
+        print(
+            f"abuse: {args.abuse_idle} idle connections at a time, {args.abuse_slow_readers} slow reader(s), "
+            f"{BURST_SIZE} POST /jobs of {BURST_PROMPTS * BURST_IMAGES_PER_PROMPT} images every {args.abuse_burst_every:g} s; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+            flush=True,
+        )
+    checks: list[tuple[bool, str]] = []
+    limit = None
     try:
-        stats, duration, restarts = soak(args, url, server.pid if server else None)
+        stats, duration, restarts = soak(args, url, server.pid if server else None, abuse)
         print_summary(args, stats, duration, restarts, measured_rss=server is not None)
+        if abuse and server and server.pid:
+            limit = fd_limit(server.pid)  # read while it runs: the server raises its soft limit at start
     finally:
         if server:
             code = server.stop()
             print(f"\nserver stopped with SIGTERM, exit code {code}" + ("" if code == 0 else "   <-- expected 0"))
+            if abuse and "stats" in locals():
+                checks = print_abuse_summary(stats, abuse, read_log(server.log_path), limit)
+                passed = code == 0
+                print(f"{'PASS' if passed else 'FAIL'}  server exit code on SIGTERM: {code} (must be 0)")
+                checks.append((passed, "server exit code"))
             if not args.keep_images:
                 server.remove_images()
             print(f"server log: {server.log_path}")
+    if abuse:
+        return 0 if checks and all(passed for passed, _ in checks) else 1
     return 0 if stats.images_lost == 0 else 1
 
 

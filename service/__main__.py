@@ -49,7 +49,7 @@ async def serve(app: web.Application, settings: Settings, sock: socket.socket) -
     )
     await runner.setup()
     try:
-        site = CappedSite(runner, sock, connection_cap(settings.max_connections, raise_file_limit()), backlog=1024)
+        site = CappedSite(runner, sock, connection_cap(settings.max_connections, raise_file_limit()))
         await site.start()
         log.info("listening on http://%s:%d (docs at /docs); at most %d connections", settings.host, settings.port, site.max_connections)
         await lifecycle.wait_for_stop_request()

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # Files the server needs besides client connections: images being written, the job database,
 # worker pipes, Redis, logs.
 FILES_KEPT_FOR_THE_SERVER = 128
+# asyncio accepts up to the listen backlog in one go before any of those connections can be closed
+# again, so the backlog is also how far past the cap the open files may briefly go.
+ACCEPT_BATCH = 64
+LISTEN_BACKLOG = 1024
 BUSY_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 5\r\n"
     b"Connection: close\r\nContent-Length: 79\r\n\r\n"
@@ -58,7 +62,7 @@ def raise_file_limit() -> int:
 
 def connection_cap(max_connections: int, file_limit: int) -> int:
     """``max_connections``, lowered to fit under the open-file limit with room for the server."""
-    room = max(1, file_limit - FILES_KEPT_FOR_THE_SERVER)
+    room = max(1, file_limit - FILES_KEPT_FOR_THE_SERVER - ACCEPT_BATCH)
     if max_connections > room:
         log.warning("--max-connections %d is more than the open-file limit %d allows; using %d", max_connections, file_limit, room)
         return room
@@ -66,7 +70,8 @@ def connection_cap(max_connections: int, file_limit: int) -> int:
 
 
 class _Refused(asyncio.Protocol):
-    """A connection past the cap: one 503, then closed, so its file descriptor is free at once."""
+    """A connection past the cap: one 503, then closed, so its file descriptor is free at once
+    (without waiting for a request: a client whose request arrives after the close sees a reset)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -94,7 +99,10 @@ class CappedSite(web.SockSite):
                 return _Refused()
             return server()
 
-        self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock, backlog=self._backlog)
+        self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock, backlog=ACCEPT_BATCH)
+        # The kernel's queue of connections not yet accepted stays long (a burst of connects must not
+        # stall in SYN retries); asyncio still accepts at most ACCEPT_BATCH of them at a time.
+        self._sock.listen(LISTEN_BACKLOG)
 
     def _note_refusal(self) -> None:
         self.refused += 1

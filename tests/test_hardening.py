@@ -70,6 +70,21 @@ async def test_concurrent_requests_cannot_pass_the_queue_bound_together(aiohttp_
     assert health["active_jobs"] == 4
 
 
+async def test_jobs_resumed_after_a_restart_count_against_the_bound(aiohttp_client, tmp_path: Path) -> None:
+    """A job of 100 images was unfinished when the server stopped; after the restart (bound 120) it
+    resumes before the port takes requests, and a new 40-image batch does not fit beside it."""
+    from contract.batch import BatchSpec
+    from service.job_db import JobDatabase
+
+    db = JobDatabase(tmp_path / "jobs.sqlite3")
+    db.create("resumed-job", BatchSpec(tuple(f"p{i}" for i in range(100)), 1, 1, None, 0.0, "url", shard_size=4))
+    db.close()
+    client = await start(aiohttp_client, tmp_path, FakeTransport(seconds_per_shard=30.0), max_queued_images=120)
+    refused = await client.post("/jobs", json={"prompts": [f"new {i}" for i in range(40)]})
+    assert refused.status == 503 and "100 image(s) are queued" in (await refused.json())["detail"]
+    assert (await client.post("/jobs", json={"prompts": [f"new {i}" for i in range(20)]})).status == 202
+
+
 # ----- text that is not text ------------------------------------------------------------------
 
 
@@ -151,12 +166,64 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(aiohttp_client, tmp_
     assert time.monotonic() - started < 3.5
 
 
+async def test_one_connection_past_the_cap_is_answered_503_and_closed(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from service.__main__ import bind
+    from service.connections import CappedSite
+
+    app = web.Application()
+    app.router.add_get("/", lambda request: web.Response(text="ok"))
+    runner = web.AppRunner(app, keepalive_timeout=30)
+    await runner.setup()
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    site = CappedSite(runner, sock, max_connections=5)
+    await site.start()
+    try:
+        held = await asyncio.to_thread(_open_idle, port, 5)
+        await asyncio.sleep(0.3)  # all five accepted
+        # It sends nothing: the server answers at once, without waiting for a request (a client that
+        # sends first may see a reset instead, since the socket is closed to free its file at once).
+        answer = await raw_exchange(port, b"", read_for=2.0)
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in answer and b"too many open connections" in answer
+        assert site.refused == 1
+        for sock_ in held:
+            sock_.close()
+        await asyncio.sleep(0.3)
+        assert (await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    finally:
+        await runner.cleanup()
+
+
 def _open_idle(port: int, count: int) -> list[socket.socket]:
     sockets = []
     for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         sockets.append(sock)
     return sockets
+
+
+def _first_bytes(sockets: list[socket.socket], wait: float) -> list[bytes]:
+    """What each socket received within ``wait`` seconds (b"" for nothing yet, or closed silently)."""
+    import selectors
+
+    received = {sock: b"" for sock in sockets}
+    with selectors.DefaultSelector() as selector:
+        for sock in sockets:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + wait
+        while selector.get_map() and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                try:
+                    chunk = key.fileobj.recv(4096)  # type: ignore[union-attr]
+                except OSError:
+                    chunk = b""
+                received[key.fileobj] += chunk  # type: ignore[index]
+                if not chunk:
+                    selector.unregister(key.fileobj)
+    return [received[sock] for sock in sockets]
 
 
 def test_idle_connections_past_the_file_limit_lose_no_job(tmp_path: Path) -> None:
@@ -177,7 +244,7 @@ def test_idle_connections_past_the_file_limit_lose_no_job(tmp_path: Path) -> Non
     server = ServerProcess(
         tmp_path / "server",
         ["--model", "tiny", "--workers", "1", "--max-batch", "2", "--model-cache", str(tmp_path / "cache"),
-         "--api-key", KEY, "--keepalive-timeout", "2", "--max-connections", "200"],
+         "--api-key", KEY, "--keepalive-timeout", "3", "--max-connections", "200"],
         {},
     )
     server.args = ["prlimit", "--nofile=1024:1024", "--", *server.args]
@@ -185,10 +252,11 @@ def test_idle_connections_past_the_file_limit_lose_no_job(tmp_path: Path) -> Non
     idle: list[socket.socket] = []
     try:
         job = requests.post(server.url + "/jobs", json={"prompts": ["a", "b", "c", "d"]}, headers={"X-API-Key": KEY}, timeout=10).json()
-        idle = _open_idle(server.port, 1100)
-        refused = requests.get(server.url + "/health", timeout=5)
-        assert refused.status_code == 503 and refused.headers["Retry-After"] and "too many open connections" in refused.text
-        time.sleep(2.5)  # past the keep-alive timeout: the server has closed the idle ones it served
+        idle = _open_idle(server.port, 1100)  # past the 1,024 open files
+        first_bytes = _first_bytes(idle, wait=2.0)
+        refused = [data for data in first_bytes if data.startswith(b"HTTP/1.1 503")]
+        assert all(data in (b"", *refused) for data in first_bytes), "an idle connection got something other than a 503"
+        time.sleep(3.5)  # past the keep-alive timeout: the server has closed the idle ones it served
         health = requests.get(server.url + "/health", timeout=5)
         assert health.status_code == 200
         deadline = time.monotonic() + 120
@@ -200,7 +268,7 @@ def test_idle_connections_past_the_file_limit_lose_no_job(tmp_path: Path) -> Non
         log = server.log()
         assert "Too many open files" not in log
         assert log.count("connection(s) refused so far") <= 3, "refusals must not flood the log"
-        assert "at most 200 connections" in log
+        assert "at most 200 connections" in log and "API keys: on (1 key(s))" in log
     finally:
         for sock in idle:
             sock.close()

@@ -172,8 +172,11 @@ async def test_one_connection_past_the_cap_is_answered_503_and_closed(tmp_path: 
     from service.__main__ import bind
     from service.connections import CappedSite
 
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     app = web.Application()
-    app.router.add_get("/", lambda request: web.Response(text="ok"))
+    app.router.add_get("/", ok)
     runner = web.AppRunner(app, keepalive_timeout=30)
     await runner.setup()
     sock = bind("127.0.0.1", 0)

@@ -18,8 +18,10 @@ request head), re-opened as the server closes them; slow readers (``POST /genera
 images on a socket with a tiny receive buffer, never read); and every few seconds a burst of 10
 concurrent ``POST /jobs`` of 40 images. It then checks that the bounds held: no image lost, accepted
 and unfinished images never past the bound, the API process's RSS flat and its open files under
-the limit, idle connections closed and slow readers cut off, and a log that does not flood. The exit
-status is 1 if any check fails.
+the limit, no more connections held than the cap, idle connections closed and slow readers cut off,
+and a log that does not flood. The exit status is 1 if any check fails. The soak clients, the
+bursts and the slow readers first get their connection past the cap (a GET /health the server
+itself answers), so a connection the cap turns away is never booked as a lost request.
 
     python -m benchmarks.soak --clients 2 --minutes 3 --workers 2 --kill-every 20 --abuse
 """
@@ -37,6 +39,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -211,6 +214,9 @@ def get_health(session: requests.Session, url: str) -> dict[str, Any] | None:
 # The server's connection cap (--max-connections) answers a connection past it before the app sees
 # it: a 503 and a close, without the X-Request-Id header that every answer of the app carries.
 CAP_PATIENCE_S = 60.0
+# With --abuse, how often a client that must keep its connection open sends a GET /health (under
+# the 3 s keep-alive timeout the server gets then).
+KEEP_OPEN_S = 2.0
 
 
 def refused_by_cap(response: requests.Response) -> bool:
@@ -441,8 +447,19 @@ def kill_one_worker(
 def killer_loop(url: str, every: float, stats: Stats, stop: threading.Event, started: float, abuse: bool = False) -> None:
     rng = random.Random(0xC0FFEE)
     with requests.Session() as session:
-        while not stop.wait(every):
+        if not abuse:
+            while not stop.wait(every):
+                kill_one_worker(session, url, rng, stats, started)
+            return
+        # With --abuse a new connection can wait long behind the idle flood, so the killer keeps its
+        # own open between kills (a GET /health every KEEP_OPEN_S, under the keep-alive timeout).
+        due = time.monotonic() + every
+        while not stop.wait(min(KEEP_OPEN_S, max(0.0, due - time.monotonic()))):
+            if time.monotonic() < due:
+                get_health_through_cap(session, url, stats)
+                continue
             kill_one_worker(session, url, rng, stats, started, abuse)
+            due = time.monotonic() + every
 
 
 def rss_of(pid: int) -> int:
@@ -541,12 +558,17 @@ SLOW_READER_RCVBUF = 1024  # Linux doubles it and raises it to its minimum: abou
 SLOW_READER_OVERDUE_S = ABUSE_WRITE_TIMEOUT_S + 30.0
 BURST_SIZE = 10
 BURST_PROMPTS, BURST_IMAGES_PER_PROMPT = 10, 4  # 40 images a job
+BURST_GATHER_S = 30.0  # how long a burst client may take to get (back) past the cap
 TRACK_INTERVAL_S = 0.5
+FD_SAMPLE_S = 0.1
+HELD_SAMPLE_S = 0.5  # how often the idle connections the server holds are counted
+HELD_AFTER_S = 1.0  # an idle connection open this long without a 503 was taken by the server
 RSS_GROWTH_LIMIT = 150 * 2**20
 LOG_LINES_PER_MINUTE_LIMIT = 2000
 TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # tcpi_state (include/net/tcp_states.h)
 FINISHED_JOB_STATES = ("done", "failed", "cancelled")
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\S+) (\S+) (.*)$")
+# A log line; not anchored, since a worker's progress bar (ending in \r) may precede it on a line.
+LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\S+) (\S+) (.*)$")
 
 
 @dataclass
@@ -584,6 +606,9 @@ class AbuseStats:
     idle_lifetimes: list[float] = field(default_factory=list)
     idle_half_lifetimes: list[float] = field(default_factory=list)
     idle_answers: Counter[str] = field(default_factory=Counter)
+    held_samples: int = 0
+    max_idle_held: int = 0  # idle connections the server held at once (taken, not refused)
+    max_server_connections: int = 0  # all connections its process held at once, ours and the clients'
     # Slow readers
     slow_cap_waits: int = 0
     slow_sent: int = 0
@@ -591,6 +616,8 @@ class AbuseStats:
     slow_cut: int = 0
     slow_cut_after_answer: list[float] = field(default_factory=list)
     slow_cut_after_sent: list[float] = field(default_factory=list)
+    slow_orphaned: int = 0  # cut off by a close the kernel then carried on (no reset)
+    slow_orphan_queued: int = 0  # the most bytes such a socket still had queued
     slow_closed_gracefully: int = 0
     slow_not_cut: int = 0
     slow_refused_busy: int = 0
@@ -602,7 +629,6 @@ class AbuseStats:
     burst_cap_waits: int = 0
     burst_other: list[str] = field(default_factory=list)
     jobs: dict[str, BurstJob] = field(default_factory=dict)
-    cancelled_at_end: int = 0
     # The bound, sampled
     track_samples: int = 0
     track_cap_waits: int = 0
@@ -614,7 +640,12 @@ class AbuseStats:
     max_queued_images: int = 0
     max_active_jobs: int = 0
     max_active_requests: int = 0
-    max_health_estimate: int = 0
+    max_health_estimate: int = 0  # queued_images + max_batch x shards in flight: an upper estimate
+    # The API process's open files, sampled every FD_SAMPLE_S: all of them, and sockets among them.
+    fd_samples: int = 0
+    first_fds: tuple[int, int] = (0, 0)
+    max_fds: int = 0
+    max_socket_fds: int = 0
     load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
@@ -647,6 +678,7 @@ class IdleFlood:
 
     def __init__(self, host: str, port: int, count: int, reopen_delay: float, stats: AbuseStats) -> None:
         self.host, self.port, self.count, self.reopen_delay, self.stats = host, port, count, reopen_delay, stats
+        self.open_since: dict[int, float] = {}  # client port -> when it connected, while open and unanswered
 
     def run(self, stop: threading.Event) -> None:
         asyncio.run(self._main(stop))
@@ -654,10 +686,23 @@ class IdleFlood:
     async def _main(self, stop: threading.Event) -> None:
         tasks = [asyncio.create_task(self._connection(i, stop)) for i in range(self.count)]
         while not stop.is_set():
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(HELD_SAMPLE_S)
+            await self._count_held()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _count_held(self) -> None:
+        """How many of these connections the server holds as its own (accepted, not refused, not
+        closed) at once: open for HELD_AFTER_S with no answer (the cap answers within milliseconds),
+        and owned by the server process (not waiting in the kernel's listen queue)."""
+        now = time.monotonic()
+        old = {port for port, since in self.open_since.items() if now - since >= HELD_AFTER_S}
+        owned = await asyncio.to_thread(server_connections, self.port)
+        with self.stats.lock:
+            self.stats.held_samples += 1
+            self.stats.max_idle_held = max(self.stats.max_idle_held, len(old & owned))
+            self.stats.max_server_connections = max(self.stats.max_server_connections, len(owned))
 
     async def _connection(self, index: int, stop: threading.Event) -> None:
         half = index % HALF_HEAD_EVERY == HALF_HEAD_EVERY - 1
@@ -671,6 +716,8 @@ class IdleFlood:
                 await asyncio.sleep(self.reopen_delay)
                 continue
             opened = time.monotonic()
+            port = writer.get_extra_info("sockname")[1]
+            self.open_since[port] = opened
             self.stats.add(idle_opened=1, idle_opened_half=int(half))
             try:
                 if half:
@@ -680,6 +727,8 @@ class IdleFlood:
                 self.stats.add(idle_open_at_end=1)
                 writer.transport.abort()
                 raise
+            finally:
+                self.open_since.pop(port, None)
             writer.transport.abort()  # a reset: no TIME_WAIT left on this side
             lifetime = time.monotonic() - opened
             with self.stats.lock:
@@ -734,10 +783,47 @@ def tcp_state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
 
 
+def server_connections(server_port: int) -> set[int]:
+    """Client ports of the loopback connections the server process holds (its end ESTABLISHED and
+    owned by a process: not in the kernel's listen queue, not closed), from /proc/net/tcp."""
+    local = f"0100007F:{server_port:04X}"
+    ports = set()
+    try:
+        with open("/proc/net/tcp") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 9 and fields[1] == local and fields[3] == "01" and fields[9] != "0":
+                    ports.add(int(fields[2].split(":")[1], 16))
+    except OSError:
+        pass
+    return ports
+
+
+def server_side(server_port: int, client_port: int) -> tuple[int, int, int] | None:
+    """(state, bytes queued to send, inode) of the server's end of one loopback connection, from
+    /proc/net/tcp; inode 0: no process holds it any more (closed, the kernel still sending), None: gone.
+
+    A server that closes a connection whose peer reads nothing does not reset it: the kernel keeps
+    the socket, orphaned, and goes on offering the bytes already queued. So the client's end stays
+    ESTABLISHED, and whether the server let go shows only here."""
+    local = f"0100007F:{server_port:04X}"
+    remote = f"0100007F:{client_port:04X}"
+    try:
+        with open("/proc/net/tcp") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 9 and fields[1] == local and fields[2] == remote:
+                    return int(fields[3], 16), int(fields[4].split(":")[0], 16), int(fields[9])
+    except OSError:
+        pass
+    return None
+
+
 def slow_reader_once(host: str, port: int, rng: random.Random, stats: AbuseStats, stop: threading.Event) -> str:
     """One POST /generate of 4 base64 images, on a socket with a tiny receive buffer, never read:
     the server must cut it off ``--write-timeout`` after its writes stop moving. Only MSG_PEEK looks
-    at the answer (its status line and headers), so the window stays shut."""
+    at the answer (its status line and headers), so the window stays shut. Cut off: the server's end
+    of the connection no longer belongs to the server process (``server_side``), or was reset."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_READER_RCVBUF)  # before connect: the window
@@ -765,6 +851,7 @@ def slow_reader_once(host: str, port: int, rng: random.Random, stats: AbuseStats
         ).encode()
         sock.sendall(head + body)
         sent = time.monotonic()
+        client_port = sock.getsockname()[1]
         stats.add(slow_sent=1)
         answer_at: float | None = None
         while True:
@@ -791,12 +878,16 @@ def slow_reader_once(host: str, port: int, rng: random.Random, stats: AbuseStats
                     with stats.lock:
                         stats.slow_job_ids.append(job.group(1).decode())
             state = tcp_state(sock)
-            if state == TCP_CLOSE:  # the server reset the connection: cut off
+            theirs = server_side(port, client_port) if answer_at is not None else (0, 0, 1)
+            if state == TCP_CLOSE or theirs is None or theirs[2] == 0:  # reset, or let go by the server
                 with stats.lock:
                     stats.slow_cut += 1
                     stats.slow_cut_after_sent.append(now - sent)
                     if answer_at is not None:
                         stats.slow_cut_after_answer.append(now - answer_at)
+                    if theirs is not None and theirs[2] == 0:
+                        stats.slow_orphaned += 1
+                        stats.slow_orphan_queued = max(stats.slow_orphan_queued, theirs[1])
                 return "cut"
             if state == TCP_CLOSE_WAIT:  # closed with a FIN: the whole answer went out, or a small one
                 with stats.lock:
@@ -809,7 +900,7 @@ def slow_reader_once(host: str, port: int, rng: random.Random, stats: AbuseStats
             if answer_at is None and stop.is_set():
                 stats.add(slow_abandoned=1)  # still queued when the clock ran out
                 return "abandoned"
-            time.sleep(0.05)
+            time.sleep(0.05 if answer_at is None else 0.2)
     finally:
         sock.close()
 
@@ -821,64 +912,115 @@ def slow_reader_loop(host: str, port: int, index: int, stats: AbuseStats, stop: 
         stop.wait({"cap": 0.2, "refused": 1.0}.get(outcome, 2.0))
 
 
-def burst(url: str, number: int, rng: random.Random, stats: AbuseStats, stop: threading.Event, started: float) -> None:
-    """BURST_SIZE POST /jobs of 40 images at once, each on a connection already past the cap."""
-    barrier = threading.Barrier(BURST_SIZE)
-    outcomes: list[str] = []
-    seeds = [rng.randrange(SEED_MODULUS) for _ in range(BURST_SIZE)]
+class Bursts:
+    """BURST_SIZE clients, each holding one keep-alive connection past the cap for the whole run (a
+    GET /health every KEEP_OPEN_S, under the keep-alive timeout), that every few seconds send
+    POST /jobs of 40 images all at the same moment. Their connections are made once and kept, as a
+    determined client would: made afresh for every burst, they would wait behind the idle flood."""
 
-    def one(i: int) -> None:
-        body = {
-            "prompts": [f"burst {number} job {i} " + " ".join(rng.choices(WORDS, k=4)) for _ in range(BURST_PROMPTS)],
-            "num_images_per_prompt": BURST_IMAGES_PER_PROMPT,
-            "seed": seeds[i],
-            "return_format": "url",
-        }
+    def __init__(self, url: str, every: float, stats: AbuseStats, stop: threading.Event, started: float) -> None:
+        self.url, self.every, self.stats, self.stop, self.started = url, every, stats, stop, started
+        self.cond = threading.Condition()
+        self.ready: set[int] = set()
+        self.generation = 0
+        self.firing: set[int] = set()  # the clients past the cap when the last burst was fired
+        self.bodies: list[dict[str, Any]] = []
+        self.outcomes: list[str] = []
+        self.rng = random.Random(0xB0057)
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """``cond.wait_for`` that also ends when the run stops (the caller holds ``cond``)."""
+        deadline = time.monotonic() + timeout
+        while not predicate() and not self.stop.is_set() and time.monotonic() < deadline:
+            self.cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def run(self) -> None:
+        clients = [start_thread(self._client, i, name=f"burst-client-{i}") for i in range(BURST_SIZE)]
+        while not self.stop.wait(self.every):
+            with self.cond:
+                self._wait(lambda: len(self.ready) == BURST_SIZE, BURST_GATHER_S)
+                if self.stop.is_set():
+                    break
+                number = self.generation + 1
+                self.bodies = [
+                    {
+                        "prompts": [f"burst {number} job {i} " + " ".join(self.rng.choices(WORDS, k=4)) for _ in range(BURST_PROMPTS)],
+                        "num_images_per_prompt": BURST_IMAGES_PER_PROMPT,
+                        "seed": self.rng.randrange(SEED_MODULUS),
+                        "return_format": "url",
+                    }
+                    for i in range(BURST_SIZE)
+                ]
+                self.firing = set(self.ready)
+                self.outcomes = ["no connection"] * (BURST_SIZE - len(self.firing))
+                self.generation = number
+                fired = time.monotonic() - self.started
+                self.cond.notify_all()
+                self._wait(lambda: len(self.outcomes) == BURST_SIZE, CLIENT_TIMEOUT_S)
+                outcomes = list(self.outcomes)
+            counts = Counter(o if o in ("accepted", "busy", "cap") else "other" for o in outcomes)
+            with self.stats.lock:
+                self.stats.bursts.append((fired, counts["accepted"], counts["busy"], counts["cap"], counts["other"]))
+                self.stats.burst_other.extend(o for o in outcomes if o not in ("accepted", "busy", "cap"))
+        for client in clients:
+            client.join()
+
+    def _client(self, index: int) -> None:
+        on_refusal = lambda: self.stats.add(burst_cap_waits=1)  # noqa: E731
+        seen = 0
         with requests.Session() as session:
-            ready = get_through_cap(session, url + "/health", lambda: stats.add(burst_cap_waits=1), stop=stop, patience=20.0)
-            try:
-                barrier.wait(timeout=60.0)
-            except threading.BrokenBarrierError:
-                pass
-            if ready is None:
-                outcomes.append("no connection")
-                return
-            try:
-                response = session.post(url + "/jobs", json=body, timeout=CLIENT_TIMEOUT_S)
-            except requests.RequestException as exc:
-                outcomes.append(f"error: {type(exc).__name__}: {exc}")
-                return
-            if response.status_code == 202:
-                data = response.json()
-                job = BurstJob(data["job_id"], int(data["images_total"]), time.monotonic())
-                with stats.lock:
-                    stats.jobs[job.job_id] = job
-                outcomes.append("accepted")
-            elif refused_by_cap(response):
-                outcomes.append("cap")
-            elif response.status_code == 503 and "busy" in response.text:
-                outcomes.append("busy")
-            else:
-                outcomes.append(f"HTTP {response.status_code}: {response.text[:160]}")
+            while not self.stop.is_set():
+                if index not in self.ready:
+                    if get_through_cap(session, self.url + "/health", on_refusal, stop=self.stop, patience=BURST_GATHER_S) is None:
+                        continue
+                    with self.cond:
+                        self.ready.add(index)
+                        self.cond.notify_all()
+                with self.cond:
+                    self._wait(lambda: self.generation > seen, KEEP_OPEN_S)
+                    generation, fire = self.generation, index in self.firing
+                    body = self.bodies[index] if generation > seen else None
+                if self.stop.is_set():
+                    break
+                if body is None:  # no burst yet: keep the connection open
+                    try:
+                        alive = not refused_by_cap(session.get(self.url + "/health", timeout=HEALTH_TIMEOUT_S))
+                    except requests.RequestException:
+                        alive = False
+                    if not alive:
+                        on_refusal()
+                        with self.cond:
+                            self.ready.discard(index)
+                    continue
+                seen = generation
+                if not fire:  # not past the cap when the burst went: booked as "no connection"
+                    continue
+                outcome = self._post(session, body)
+                with self.cond:
+                    if outcome not in ("accepted", "busy"):
+                        self.ready.discard(index)
+                    self.outcomes.append(outcome)
+                    self.cond.notify_all()
 
-    threads = [start_thread(one, i, name=f"burst-{number}-{i}") for i in range(BURST_SIZE)]
-    for thread in threads:
-        thread.join()
-    counts = Counter(o if o in ("accepted", "busy", "cap") else "other" for o in outcomes)
-    with stats.lock:
-        stats.bursts.append((time.monotonic() - started, counts["accepted"], counts["busy"], counts["cap"], counts["other"]))
-        stats.burst_other.extend(o for o in outcomes if o not in ("accepted", "busy", "cap"))
+    def _post(self, session: requests.Session, body: dict[str, Any]) -> str:
+        try:
+            response = session.post(self.url + "/jobs", json=body, timeout=CLIENT_TIMEOUT_S)
+        except requests.RequestException as exc:
+            return f"error: {type(exc).__name__}: {exc}"
+        if response.status_code == 202:
+            data = response.json()
+            job = BurstJob(data["job_id"], int(data["images_total"]), time.monotonic())
+            with self.stats.lock:
+                self.stats.jobs[job.job_id] = job
+            return "accepted"
+        if refused_by_cap(response):
+            return "cap"
+        if response.status_code == 503 and "busy" in response.text:
+            return "busy"
+        return f"HTTP {response.status_code}: {response.text[:160]}"
 
 
-def burst_loop(url: str, every: float, stats: AbuseStats, stop: threading.Event, started: float) -> None:
-    rng = random.Random(0xB0057)
-    number = 0
-    while not stop.wait(every):
-        number += 1
-        burst(url, number, rng, stats, stop, started)
-
-
-def track_once(session: requests.Session, url: str, stats: AbuseStats, bound: int, started: float) -> None:
+def track_once(session: requests.Session, url: str, stats: AbuseStats, bound: int, started: float, max_batch: int) -> None:
     """One sample of the bound. /health gives queued_images and active_jobs; the burst jobs give a
     lower bound of the images the server holds accepted and unfinished: only jobs whose 202 came back
     before this sweep began, each with what GET /jobs/{id} says is left (which only shrinks, so a value
@@ -925,13 +1067,13 @@ def track_once(session: requests.Session, url: str, stats: AbuseStats, bound: in
             stats.max_active_jobs = max(stats.max_active_jobs, int(health.get("active_jobs") or 0))
             stats.max_active_requests = max(stats.max_active_requests, int(health.get("active_requests") or 0))
             in_flight = sum(int(w.get("shards_in_flight") or 0) for w in health.get("workers", []))
-            stats.max_health_estimate = max(stats.max_health_estimate, queued + in_flight)
+            stats.max_health_estimate = max(stats.max_health_estimate, queued + max_batch * in_flight)
 
 
-def track_loop(url: str, stats: AbuseStats, bound: int, stop: threading.Event, started: float) -> None:
+def track_loop(url: str, stats: AbuseStats, bound: int, stop: threading.Event, started: float, max_batch: int) -> None:
     with requests.Session() as session:  # sampled more often than the keep-alive timeout: one connection
         while not stop.is_set():
-            track_once(session, url, stats, bound, started)
+            track_once(session, url, stats, bound, started, max_batch)
             stop.wait(TRACK_INTERVAL_S)
 
 
@@ -948,7 +1090,34 @@ def cancel_burst_jobs(url: str, stats: AbuseStats) -> None:
             if response.status_code == 200:
                 with stats.lock:
                     job.cancelled_by_us = True
-                    stats.cancelled_at_end += 1
+
+
+def open_files(pid: int) -> tuple[int, int] | None:
+    """(open fds, sockets among them) of a process, from /proc/<pid>/fd."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    sockets = 0
+    for name in names:
+        try:
+            sockets += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
+        except OSError:
+            pass  # closed since the listing
+    return len(names), sockets
+
+
+def fd_sampler_loop(pid: int, stats: AbuseStats, stop: threading.Event) -> None:
+    """Open files of the API process, sampled often: connections past the cap hold an fd briefly."""
+    while not stop.wait(FD_SAMPLE_S):
+        found = open_files(pid)
+        if found is None:
+            continue
+        with stats.lock:
+            stats.fd_samples += 1
+            stats.first_fds = stats.first_fds if stats.fd_samples > 1 else found
+            stats.max_fds = max(stats.max_fds, found[0])
+            stats.max_socket_fds = max(stats.max_socket_fds, found[1])
 
 
 def fd_limit(pid: int) -> int | None:
@@ -974,6 +1143,9 @@ class LogFigures:
     tracebacks: int = 0
     top: list[tuple[str, int]] = field(default_factory=list)
     went_away: set[str] = field(default_factory=set)
+    # Per job id: when its last image was stored, and when the server gave up on its client.
+    done_at: dict[str, float] = field(default_factory=dict)
+    went_away_at: dict[str, float] = field(default_factory=dict)
 
 
 def most_in_a_minute(times: list[float]) -> int:
@@ -999,7 +1171,7 @@ def read_log(path: Path) -> LogFigures:
         return figures
     for line in text.splitlines():
         figures.lines += 1
-        match = LOG_LINE.match(line)
+        match = LOG_LINE.search(line)
         if match:
             stamp = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
             logger, level, message = match.group(3), match.group(4), match.group(5)
@@ -1018,6 +1190,11 @@ def read_log(path: Path) -> LogFigures:
         went = re.search(r"job ([0-9a-f]{32}): the client went away", message)
         if went:
             figures.went_away.add(went.group(1))
+            if stamp is not None:
+                figures.went_away_at[went.group(1)] = stamp
+        done = re.search(r"job ([0-9a-f]{32}) done:", message)
+        if done and stamp is not None:
+            figures.done_at[done.group(1)] = stamp
         messages[re.sub(r"[0-9a-f]{32}|\d+(\.\d+)?", "#", f"{logger} {level} {message}".strip())[:110]] += 1
     stamps = access_times + other_times
     figures.minutes = (max(stamps) - min(stamps)) / 60 if len(stamps) > 1 else 0.0
@@ -1027,11 +1204,65 @@ def read_log(path: Path) -> LogFigures:
     return figures
 
 
+@dataclass
+class Reconstruction:
+    """Every job's accepted-unfinished images over time, rebuilt after the run from the server's job
+    database (created_at, finished_at of cancelled and failed jobs) and the times its image files
+    were written: all jobs, the clients' and slow readers' ones too, not only the burst jobs."""
+
+    jobs: int = 0
+    images: int = 0
+    max_unfinished: int = 0
+    max_at: float = 0.0  # wall clock
+    problem: str | None = None
+
+
+def reconstruct_unfinished(db_path: Path, image_dir: Path) -> Reconstruction:
+    """A job counts from created_at with all its images; each image stops counting when its file was
+    written (done jobs), or all that are left at finished_at (cancelled, failed). It overstates the
+    server's own count for the few milliseconds between a shard leaving a worker and its files being
+    written (the server stops counting a shard when it leaves the worker), and understates it for the
+    moment between admission and created_at."""
+    found = Reconstruction()
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+            jobs = db.execute("SELECT id, state, images_total, created_at, finished_at FROM jobs").fetchall()
+            images = db.execute("SELECT job_id, image_id FROM job_images").fetchall()
+    except Exception as exc:  # noqa: BLE001 - a figure for the report, never a reason to fail the run
+        found.problem = f"{type(exc).__name__}: {exc}"
+        return found
+    written: dict[str, list[float]] = {}
+    for job_id, image_id in images:
+        try:
+            written.setdefault(job_id, []).append((image_dir / f"{image_id}.png").stat().st_mtime)
+        except OSError:
+            pass
+    events: list[tuple[float, int]] = []
+    for job_id, state, total, created_at, finished_at in jobs:
+        found.jobs += 1
+        found.images += total
+        events.append((created_at, total))
+        times = sorted(written.get(job_id, []))
+        if state in ("cancelled", "failed") and finished_at is not None:
+            before = [t for t in times if t <= finished_at]
+            events.extend((t, -1) for t in before)
+            events.append((finished_at, -(total - len(before))))
+        else:
+            events.extend((t, -1) for t in times)
+    level = 0
+    for when, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        level += delta
+        if level > found.max_unfinished:
+            found.max_unfinished, found.max_at = level, when
+    return found
+
+
 class Abuse:
     """The abuse threads of one run: idle flood, slow readers, bursts, and the tracker of the bound."""
 
-    def __init__(self, args: argparse.Namespace, url: str) -> None:
+    def __init__(self, args: argparse.Namespace, url: str, pid: int) -> None:
         self.args = args
+        self.pid = pid
         self.url = url
         host_port = url.split("//", 1)[1]
         self.host, port = host_port.rsplit(":", 1)
@@ -1042,15 +1273,21 @@ class Abuse:
         self.stop_tracker = threading.Event()  # set once the burst jobs left are cancelled
         self.threads: list[threading.Thread] = []
         self.tracker: threading.Thread | None = None
+        self.wall_start = time.time()
 
     def start(self, started: float) -> None:
         self.stats.load_start = os.getloadavg()
+        self.wall_start = time.time()
         flood = IdleFlood(self.host, self.port, self.args.abuse_idle, self.args.abuse_reopen_delay, self.stats)
         self.threads.append(start_thread(flood.run, self.stop, name="idle-flood"))
         for i in range(self.args.abuse_slow_readers):
             self.threads.append(start_thread(slow_reader_loop, self.host, self.port, i, self.stats, self.stop, name=f"slow-reader-{i}"))
-        self.threads.append(start_thread(burst_loop, self.url, self.args.abuse_burst_every, self.stats, self.stop, started, name="bursts"))
-        self.tracker = start_thread(track_loop, self.url, self.stats, self.bound, self.stop_tracker, started, name="tracker")
+        bursts = Bursts(self.url, self.args.abuse_burst_every, self.stats, self.stop, started)
+        self.threads.append(start_thread(bursts.run, name="bursts"))
+        self.threads.append(start_thread(fd_sampler_loop, self.pid, self.stats, self.stop, name="fd-sampler"))
+        self.tracker = start_thread(
+            track_loop, self.url, self.stats, self.bound, self.stop_tracker, started, self.args.max_batch, name="tracker"
+        )
 
     def finish(self) -> None:
         """After the clients' stop: end the abuse, cancel the burst jobs left, one last sample."""
@@ -1062,13 +1299,18 @@ class Abuse:
         if self.tracker:
             self.tracker.join()
         with requests.Session() as session:
-            track_once(session, self.url, self.stats, self.bound, time.monotonic())
+            track_once(session, self.url, self.stats, self.bound, time.monotonic(), self.args.max_batch)
         self.stats.load_end = os.getloadavg()
 
 
-def print_abuse_summary(stats: Stats, run: Abuse, log: LogFigures, limit: int | None) -> list[tuple[bool, str]]:
+def print_abuse_summary(
+    stats: Stats, run: Abuse, log: LogFigures, limit: int | None, rebuilt: Reconstruction
+) -> list[tuple[bool, str]]:
     """The abuse figures, then the checks; returns (passed, line) for each check."""
     abuse = run.stats
+    slow_done_to_cut = [
+        log.went_away_at[job] - log.done_at[job] for job in abuse.slow_job_ids if job in log.went_away_at and job in log.done_at
+    ]
     jobs = list(abuse.jobs.values())
     states = Counter("cancelled at the end" if job.cancelled_by_us else job.state for job in jobs)
     accepted = sum(b[1] for b in abuse.bursts)
@@ -1084,6 +1326,8 @@ def print_abuse_summary(stats: Stats, run: Abuse, log: LogFigures, limit: int | 
         ("  closed by the server", f"{abuse.idle_closed + abuse.idle_reset} ({abuse.idle_reset} with a reset); "
          f"open for {median_max(abuse.idle_lifetimes)} (no bytes), {median_max(abuse.idle_half_lifetimes)} (half a head)"),
         ("  what the server said", ", ".join(f"{k!r} x{v}" for k, v in abuse.idle_answers.most_common(4)) or "nothing"),
+        ("  held by the server", f"at most {abuse.max_idle_held} at once, open >= {HELD_AFTER_S:g} s without a 503 "
+         f"(all connections the server held: at most {abuse.max_server_connections}; {abuse.held_samples} samples)"),
         ("  not closed in time", f"{abuse.idle_overdue} (open > {IDLE_OVERDUE_S:g} s)"),
         ("  open when the run ended", abuse.idle_open_at_end),
         ("  connect errors/timeouts", abuse.idle_connect_errors),
@@ -1092,6 +1336,9 @@ def print_abuse_summary(stats: Stats, run: Abuse, log: LogFigures, limit: int | 
         ("  answered 200, unread", abuse.slow_accepted),
         ("  cut off by the server", f"{abuse.slow_cut}: {median_max(abuse.slow_cut_after_answer)} after the answer began, "
          f"{median_max(abuse.slow_cut_after_sent)} after the request"),
+        ("  server side (its log)", f"cut {median_max(slow_done_to_cut)} after the job was done (its body then due)"),
+        ("  how", f"{abuse.slow_orphaned} closed without a reset: the kernel kept the socket, up to "
+         f"{abuse.slow_orphan_queued / 2**10:.0f} KiB unsent, after the server let go"),
         ("  confirmed in the log", f"{len(log.went_away & set(abuse.slow_job_ids))} of {len(abuse.slow_job_ids)} "
          "job(s): 'the client went away; the job goes on'"),
         ("  not cut off / closed", f"{abuse.slow_not_cut} / {abuse.slow_closed_gracefully}"),
@@ -1106,13 +1353,18 @@ def print_abuse_summary(stats: Stats, run: Abuse, log: LogFigures, limit: int | 
         ("  burst jobs ended", dict(states) or 0),
         ("accepted unfinished (max)", f"{abuse.max_unfinished} image(s) of burst jobs at t={abuse.max_unfinished_at:.0f}s, "
          f"bound {ABUSE_MAX_QUEUED_IMAGES} ({abuse.track_samples} samples)"),
+        ("all jobs, rebuilt after", rebuilt.problem or f"at most {rebuilt.max_unfinished} image(s) accepted and unfinished "
+         f"at t={rebuilt.max_at - run.wall_start:.0f}s ({rebuilt.jobs} jobs, {rebuilt.images} images; job database and file times)"),
         ("/health (max)", f"queued_images {abuse.max_queued_images}, active_jobs {abuse.max_active_jobs}, "
-         f"active_requests {abuse.max_active_requests}, queued + shards in flight {abuse.max_health_estimate} "
+         f"active_requests {abuse.max_active_requests}; queued + {run.args.max_batch} x shards in flight "
+         f"{abuse.max_health_estimate} (an upper estimate) "
          f"({abuse.health_samples} samples)"),
-        ("client connects past cap", f"{stats.cap_waits} retried; {stats.refused_cap} request(s) refused by the cap"),
+        ("client connects past cap", f"{stats.cap_waits} retried (tracker: {abuse.track_cap_waits}); "
+         f"{stats.refused_cap} request(s) refused by the cap"),
         ("API RSS start/peak/end", f"{mib(stats.first_api_rss)} / {mib(stats.peak_api_rss)} / {mib(stats.last_api_rss)}"),
-        ("API open fds (max)", f"{stats.max_fds} of a limit of {limit if limit is not None else 'unknown'} "
-         f"(--max-connections {ABUSE_MAX_CONNECTIONS})"),
+        ("API open fds (max)", f"{max(stats.max_fds, abuse.max_fds)} of a limit of {limit if limit is not None else 'unknown'} "
+         f"(--max-connections {ABUSE_MAX_CONNECTIONS}); sampled every {FD_SAMPLE_S:g} s: at most {abuse.max_fds} "
+         f"({abuse.max_socket_fds} sockets), {abuse.first_fds[0]} ({abuse.first_fds[1]} sockets) at the first sample"),
         ("server log", f"{log.lines} lines in {log.minutes:.1f} min: {log.access} access "
          f"({log.access / log.minutes if log.minutes else 0:.0f}/min, max {log.max_access_per_minute} in 60 s), "
          f"{log.other} other ({log.other / log.minutes if log.minutes else 0:.0f}/min, max {log.max_other_per_minute} in 60 s)"),
@@ -1141,11 +1393,14 @@ def print_abuse_summary(stats: Stats, run: Abuse, log: LogFigures, limit: int | 
         (not failed_jobs, f"burst jobs failed: {len(failed_jobs)}"),
         (growth <= RSS_GROWTH_LIMIT and peak_growth <= RSS_GROWTH_LIMIT,
          f"API RSS growth: end {growth / 2**20:+.0f} MiB, peak {peak_growth / 2**20:+.0f} MiB (at most +{mib(RSS_GROWTH_LIMIT)})"),
-        (limit is not None and 0 < stats.max_fds < limit, f"API open fds at most {stats.max_fds}, limit {limit}"),
+        (limit is not None and 0 < max(stats.max_fds, abuse.max_fds) < limit,
+         f"API open fds at most {max(stats.max_fds, abuse.max_fds)}, limit {limit}"),
         (abuse.idle_overdue == 0 and abuse.idle_closed + abuse.idle_reset > 0,
          f"idle connections closed by the server: {abuse.idle_closed + abuse.idle_reset}, none open past {IDLE_OVERDUE_S:g} s "
          f"({abuse.idle_overdue} were)"),
         (abuse.idle_refused > 0, f"connections past the cap answered 503: {abuse.idle_refused}"),
+        (0 < abuse.max_idle_held <= ABUSE_MAX_CONNECTIONS,
+         f"idle connections the server held at once: at most {abuse.max_idle_held} (cap {ABUSE_MAX_CONNECTIONS})"),
         (abuse.slow_not_cut == 0 and abuse.slow_cut > 0 and abuse.slow_closed_gracefully == 0,
          f"slow readers cut off: {abuse.slow_cut} of {abuse.slow_accepted} answered (none left hanging: {abuse.slow_not_cut})"),
         (log.max_other_per_minute <= LOG_LINES_PER_MINUTE_LIMIT,
@@ -1313,7 +1568,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"using the running server at {url}: RSS cannot be measured (it is not our process)", flush=True)
     print(f"soaking {url} with {args.clients} client(s) for {args.minutes:g} min, kill every {args.kill_every:g} s", flush=True)
-    abuse = Abuse(args, url) if args.abuse else None
+    abuse = Abuse(args, url, server.pid) if args.abuse and server and server.pid else None
     if abuse:
         print(
             f"abuse: {args.abuse_idle} idle connections at a time, {args.abuse_slow_readers} slow reader(s), "
@@ -1333,7 +1588,8 @@ def main(argv: list[str] | None = None) -> int:
             code = server.stop()
             print(f"\nserver stopped with SIGTERM, exit code {code}" + ("" if code == 0 else "   <-- expected 0"))
             if abuse and "stats" in locals():
-                checks = print_abuse_summary(stats, abuse, read_log(server.log_path), limit)
+                rebuilt = reconstruct_unfinished(server.workdir / "var" / "jobs.sqlite3", server.image_dir)
+                checks = print_abuse_summary(stats, abuse, read_log(server.log_path), limit, rebuilt)
                 passed = code == 0
                 print(f"{'PASS' if passed else 'FAIL'}  server exit code on SIGTERM: {code} (must be 0)")
                 checks.append((passed, "server exit code"))

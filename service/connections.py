@@ -24,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
+import struct
 import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from service.errors import json_error
 
@@ -79,12 +82,29 @@ class _Refused(asyncio.Protocol):
         transport.close()
 
 
+class _CountedHandler(RequestHandler):
+    """aiohttp's handler, which gives its place back to the site when its connection ends."""
+
+    __slots__ = ("_site",)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self._site.open -= 1
+
+
 class CappedSite(web.SockSite):
-    """A listening socket that serves at most ``max_connections`` connections at once."""
+    """A listening socket that serves at most ``max_connections`` connections at once.
+
+    Connections are counted when accepted, in the protocol factory, not when aiohttp registers them
+    (a loop iteration later): asyncio accepts a whole batch before any of them is registered, and
+    each of the batch would see the same count."""
 
     def __init__(self, runner: web.BaseRunner, sock: Any, max_connections: int, **kwargs: Any) -> None:
         super().__init__(runner, sock, **kwargs)
         self.max_connections = max_connections
+        self.open = 0
         self.refused = 0
         self._last_refusal_log = 0.0
 
@@ -94,10 +114,13 @@ class CappedSite(web.SockSite):
         assert server is not None
 
         def protocol() -> asyncio.Protocol:
-            if len(server.connections) >= self.max_connections:
+            if self.open >= self.max_connections:
                 self._note_refusal()
                 return _Refused()
-            return server()
+            handler = _CountedHandler(server, loop=asyncio.get_running_loop(), **server._kwargs)
+            handler._site = self
+            self.open += 1
+            return handler
 
         self._server = await asyncio.get_running_loop().create_server(protocol, sock=self._sock, backlog=ACCEPT_BATCH)
         # The kernel's queue of connections not yet accepted stays long (a burst of connects must not
@@ -109,7 +132,7 @@ class CappedSite(web.SockSite):
         now = time.monotonic()
         if now - self._last_refusal_log >= ACCEPT_ERROR_PERIOD:
             self._last_refusal_log = now
-            log.warning("%d connection(s) refused so far: %d open, the limit (--max-connections)", self.refused, self.max_connections)
+            log.warning("%d connection(s) refused so far: %d open, the limit (--max-connections %d)", self.refused, self.open, self.max_connections)
 
 
 class _OncePerPeriod(logging.Filter):
@@ -182,5 +205,10 @@ class BodyWriter:
         except TimeoutError:
             transport = self.request.transport
             if transport is not None:
+                # A reset, not a close: a closed socket would keep the unsent body queued in the
+                # kernel for as long as the client keeps its end open.
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 transport.abort()
             raise ConnectionResetError(f"the client read nothing for {self.timeout:g} s") from None

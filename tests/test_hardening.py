@@ -194,7 +194,15 @@ async def test_one_connection_past_the_cap_is_answered_503_and_closed(tmp_path: 
         for sock_ in held:
             sock_.close()
         await asyncio.sleep(0.3)
+        assert site.open == 0
         assert (await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        # A burst accepted in one go: the cap counts each connection as it is accepted.
+        burst = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(20)))
+        await asyncio.sleep(0.5)
+        answered = [reader for reader, _ in burst if reader.at_eof() or len(reader._buffer) > 0]
+        assert len(answered) == 15 and site.open == 5, (len(answered), site.open)
+        for _, writer in burst:
+            writer.close()
     finally:
         await runner.cleanup()
 

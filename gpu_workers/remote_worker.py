@@ -38,7 +38,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +71,7 @@ from gpu_workers.redis_protocol import (
     worker_name,
 )
 from gpu_workers.shard_rules import given_up, given_up_detail
-from gpu_workers.worker import load_for_worker, quiet_libraries
+from gpu_workers.worker import exit_now, load_for_worker, quiet_libraries
 from gpu_workers.worker_loop import Taken, serve
 
 log = logging.getLogger(__name__)
@@ -588,4 +587,4 @@ def remote_worker_main(config: WorkerConfig, broker_url: str, prefix: str, visib
     except Exception:  # an unexpected bug: log it; the launcher restarts the worker
         log.exception("worker %s crashed", worker.name)
         code = 1
-    sys.exit(code)
+    exit_now(code)

@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -71,7 +72,7 @@ from gpu_workers.redis_protocol import (
     worker_name,
 )
 from gpu_workers.shard_rules import given_up, given_up_detail
-from gpu_workers.worker import exit_now, load_for_worker, quiet_libraries
+from gpu_workers.worker import load_for_worker, quiet_libraries
 from gpu_workers.worker_loop import Taken, serve
 
 log = logging.getLogger(__name__)
@@ -587,4 +588,4 @@ def remote_worker_main(config: WorkerConfig, broker_url: str, prefix: str, visib
     except Exception:  # an unexpected bug: log it; the launcher restarts the worker
         log.exception("worker %s crashed", worker.name)
         code = 1
-    exit_now(code)
+    sys.exit(code)

@@ -13,7 +13,6 @@ import logging
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from gpu_workers.messages import (
 )
 from gpu_workers.worker_loop import EXIT_SHARD_TIMEOUT, POLL_SECONDS, Taken, serve
 
-__all__ = ["EXIT_SHARD_TIMEOUT", "exit_now", "load_for_worker", "quiet_libraries", "worker_main"]
+__all__ = ["EXIT_SHARD_TIMEOUT", "load_for_worker", "quiet_libraries", "worker_main"]
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +141,3 @@ def worker_main(config: WorkerConfig, tasks: Any, results: Any) -> None:
     sink.send(WorkerReady(config.worker_id, os.getpid(), config.device, config.model, time.perf_counter() - started, device_name))
     serve(pipe, config, _LocalQueue(tasks), sink)
     results.close()
-    exit_now(0)
-
-
-def exit_now(code: int) -> None:
-    """End the process once everything is sent, without the interpreter's teardown of torch and
-    diffusers (most of a second of CPU per worker, paid at every stop and restart)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

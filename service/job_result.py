@@ -72,12 +72,16 @@ class JobResult:
         )
         if not result.done:
             return result
-        image_ids = tuple(image_id for first in sorted(stored) for image_id in stored[first])
+        return result.with_files(tuple(image_id for first in sorted(stored) for image_id in stored[first]), store)
+
+    def with_files(self, image_ids: tuple[str, ...], store: ImageStore) -> JobResult:
+        """A done result whose images are read from their stored files as the body is written; a
+        failure with 410 when the disk budget removed some of them."""
         paths = [store.path_for(image_id) for image_id in image_ids]
         missing = sum(path is None for path in paths)
         if missing:
-            return replace(result, state=JobState.FAILED, status=410, detail=evicted_detail(job.job_id, missing))
-        return replace(result, pngs=tuple(path for path in paths if path is not None), image_ids=image_ids)
+            return replace(self, state=JobState.FAILED, status=410, detail=evicted_detail(self.job_id, missing))
+        return replace(self, pngs=tuple(path for path in paths if path is not None), image_ids=image_ids)
 
     @property
     def done(self) -> bool:

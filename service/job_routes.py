@@ -23,7 +23,7 @@ from service.errors import json_error
 from contract.states import JobState
 from service.job_db import DONE, JobRecord
 from service.job_listening import base_url
-from service.job_result import JobResult, evicted_detail
+from service.job_result import JobResult
 from service.keys import JOBS, SETTINGS, STORE
 from service.streaming import start_stream
 
@@ -89,20 +89,10 @@ async def get_job(request: web.Request) -> web.StreamResponse:
             status["success"] = False
         return web.json_response(status, headers={"X-Job-Id": record.job_id})
     ids = await asyncio.to_thread(request.app[JOBS].db.image_ids, record.job_id)
-    store = request.app[STORE]
-    paths = [store.path_for(ids.get(index, "")) for index in range(record.images_total)]
-    missing = sum(path is None for path in paths)
-    if missing:
-        return json_error(410, evicted_detail(record.job_id, missing))
-    result = JobResult(
-        job_id=record.job_id,
-        spec=record.spec,
-        state=JobState.DONE,
-        images_done=record.images_done,
-        warnings=record.warnings,
-        pngs=tuple(path for path in paths if path is not None),
-        image_ids=tuple(ids[index] for index in range(record.images_total)),
-    )
+    done = JobResult(record.job_id, record.spec, JobState.DONE, record.images_done, warnings=record.warnings)
+    result = done.with_files(tuple(ids.get(index, "") for index in range(record.images_total)), request.app[STORE])
+    if not result.done:
+        return json_error(result.status, result.failure_detail())
     writer = await start_stream(request, {"X-Job-Id": record.job_id})
     try:
         await result.write_body(writer, base_url(request), extra=status)

@@ -139,12 +139,14 @@ class Bare:
         from gpu_workers.generation import generate_shard
         from gpu_workers.loading import load_pipeline
         from gpu_workers.messages import ShardTask
+        from gpu_workers.receipts import worker_facts
 
         torch.set_num_threads(1)  # the server runs its CPU worker with --cpu-threads 1
         self.max_batch = max_batch
         self.pipe = load_pipeline("tiny", "cpu", model_cache)
         self.pipe.set_progress_bar_config(disable=True)
-        generate_shard(self.pipe, ShardTask("warm-up", 0, 0, ("warm-up",), (0,), None, 0.0, steps=1))  # as the worker does
+        self.facts = worker_facts("tiny", model_cache, "cpu")
+        generate_shard(self.pipe, ShardTask("warm-up", 0, 0, ("warm-up",), (0,), None, 0.0, steps=1), self.facts)  # as the worker does
 
     def run(self, prompts: Sequence[str], per_prompt: int, seed: int) -> list[bytes]:
         from gpu_workers.generation import generate_shard
@@ -152,7 +154,7 @@ class Bare:
         from gpu_workers.sharding import split_into_shards
 
         spec = BatchSpec(tuple(prompts), per_prompt, seed, None, 0.0, "base64", shard_size=self.max_batch)
-        return [png for task in split_into_shards("bare", spec) for png in generate_shard(self.pipe, task)]
+        return [png for task in split_into_shards("bare", spec) for png in generate_shard(self.pipe, task, self.facts)]
 
     def worker_side(self, conn: Any, pngs: Sequence[bytes], prompts: Sequence[str], repeats: int) -> tuple[float, float]:
         """What a worker does per shard that the bare pipeline does not, timed (medians): sending

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from contract.formats import DEFAULT_FORMAT
+
 SEED_SPACE = 2**32
 DEFAULT_STEPS = 8  # what the 8-step Lightning UNet was distilled for
 IMAGE_WIDTH = 1024
@@ -25,6 +27,14 @@ class BatchSpec:
     return_format: str
     shard_size: int
     steps: int = DEFAULT_STEPS
+    width: int = IMAGE_WIDTH
+    height: int = IMAGE_HEIGHT
+    image_format: str = DEFAULT_FORMAT
+    quality: int | None = None  # None: the format's default (``contract.formats``)
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
 
     @property
     def total_images(self) -> int:
@@ -48,7 +58,7 @@ class BatchSpec:
 
     @classmethod
     def from_json(cls, text: str) -> BatchSpec:
-        """Rows written before a field existed take its default (``steps``)."""
+        """Rows written before a field existed take its default (``steps``, the size, the format)."""
         data = json.loads(text)
         data["prompts"] = tuple(data["prompts"])
         return cls(**data)

@@ -1,22 +1,20 @@
-"""Running one shard through a loaded pipeline (the device's part), and encoding its images as PNG
-(the host's part, which the worker loop runs beside the next shard: ``gpu_workers.worker_loop``)."""
+"""Running one shard through a loaded pipeline (the device's part; encoding its images is the
+host's part, ``gpu_workers.encoding``, which the worker loop runs beside the next shard)."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 from typing import Any
 
 import torch
 
+from contract.formats import quality_for
+from gpu_workers.encoding import encode
 from gpu_workers.messages import ShardTask
+from gpu_workers.receipts import WorkerFacts, receipt, receipt_text
 
 log = logging.getLogger(__name__)
-
-# zlib level 1 is several times faster than PIL's default (6) for a few percent more bytes;
-# at GPU speeds PNG encoding is on the critical path of every image.
-PNG_COMPRESS_LEVEL = 1
 
 
 def generators_for(seeds: tuple[int, ...]) -> list[torch.Generator]:
@@ -25,10 +23,12 @@ def generators_for(seeds: tuple[int, ...]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
-def encode_png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+def encode_image(image: Any, task: ShardTask, offset: int, facts: WorkerFacts) -> tuple[bytes, str]:
+    """Image ``offset`` of ``task`` in the task's format with its receipt inside: ``(bytes, receipt
+    JSON)``. Thread-safe: the worker loop runs it on its encode threads."""
+    quality = quality_for(task.image_format, task.quality)
+    fields = receipt(task, offset, facts, quality)
+    return encode(image, task.image_format, quality, fields), receipt_text(fields)
 
 
 def truncation_warnings(pipe: Any, prompts: tuple[str, ...]) -> tuple[str, ...]:
@@ -75,10 +75,10 @@ def generate_images(pipe: Any, task: ShardTask) -> list[Any]:
     return list(images)
 
 
-def generate_shard(pipe: Any, task: ShardTask) -> list[bytes]:
-    """The shard's images as PNG bytes, device and encoding in one call (the bare baseline of
+def generate_shard(pipe: Any, task: ShardTask, facts: WorkerFacts) -> list[bytes]:
+    """The shard's images as encoded bytes, device and encoding in one call (the bare baseline of
     ``benchmarks/server_overhead.py`` and the tests' reference bytes)."""
-    return [encode_png(image) for image in generate_images(pipe, task)]
+    return [encode_image(image, task, offset, facts)[0] for offset, image in enumerate(generate_images(pipe, task))]
 
 
 def _slice(task: ShardTask, start: int, stop: int) -> ShardTask:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from contract.batch import DEFAULT_STEPS, IMAGE_HEIGHT, IMAGE_WIDTH
 from contract.failures import FailureReason
+from contract.formats import DEFAULT_FORMAT
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class ShardTask:
     steps: int = DEFAULT_STEPS
     width: int = IMAGE_WIDTH
     height: int = IMAGE_HEIGHT
+    # How the encode stage writes the images (``contract.formats``); quality None: the default.
+    image_format: str = DEFAULT_FORMAT
+    quality: int | None = None
 
     @property
     def size(self) -> int:
@@ -95,7 +99,8 @@ class ShardStarted:
 
 @dataclass(frozen=True)
 class ShardDone:
-    """A shard's images as PNG bytes, in the shard's order."""
+    """A shard's images as encoded bytes (the task's format), in the shard's order, and the receipt
+    (JSON) written into each, which the job keeps too."""
 
     worker_id: int
     request_id: str
@@ -103,6 +108,7 @@ class ShardDone:
     images: tuple[bytes, ...]
     warnings: tuple[str, ...]
     seconds: float
+    receipts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

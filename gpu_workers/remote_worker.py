@@ -375,7 +375,7 @@ class RemoteWorker:
         started = time.perf_counter()
         log.info("worker %s: loading model %s on %s", self.name, self.config.model, self.config.device)
         try:
-            pipe, device_name = load_for_worker(self.config)
+            pipe, facts = load_for_worker(self.config)
         except Exception as exc:  # reported in the heartbeat, which /health shows
             log.exception("worker %s could not load model %r", self.name, self.config.model)
             self.heartbeat.update(state=WorkerState.FAILED.value, error=str(exc))
@@ -383,9 +383,9 @@ class RemoteWorker:
             return EXIT_LOAD_FAILED
 
         log.info("worker %s: ready in %.1f s; taking shards from %s", self.name, time.perf_counter() - started, self.keys.shards)
-        self.heartbeat.update(state=WorkerState.READY.value, device_name=device_name)
+        self.heartbeat.update(state=WorkerState.READY.value, device_name=facts.device_name)
         try:
-            images = serve(pipe, self.config, self, self)
+            images = serve(pipe, self.config, self, self, facts=facts)
         finally:
             self.heartbeat.stop(delete=True)
             self.redis.close()

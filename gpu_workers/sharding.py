@@ -28,6 +28,10 @@ def split_into_shards(request_id: str, spec: BatchSpec) -> list[ShardTask]:
             negative_prompt=spec.negative_prompt,
             guidance_scale=spec.guidance_scale,
             steps=spec.steps,
+            width=spec.width,
+            height=spec.height,
+            image_format=spec.image_format,
+            quality=spec.quality,
         )
         for shard_id, start in enumerate(range(0, len(seeds), size))
     ]

@@ -29,6 +29,7 @@ from gpu_workers.messages import (
     WorkerReady,
     WorkerStartFailed,
 )
+from gpu_workers.receipts import WorkerFacts, worker_facts
 from gpu_workers.worker_loop import EXIT_SHARD_TIMEOUT, POLL_SECONDS, Taken, serve
 
 __all__ = ["EXIT_SHARD_TIMEOUT", "load_for_worker", "quiet_libraries", "worker_main"]
@@ -49,15 +50,16 @@ def _prepare_device(config: WorkerConfig) -> str:
     return torch.cuda.get_device_name(config.device)
 
 
-def load_for_worker(config: WorkerConfig) -> tuple[Any, str]:
-    """Pin the device, load the pipeline and warm it up: ``(pipeline, device name)``."""
+def load_for_worker(config: WorkerConfig) -> tuple[Any, WorkerFacts]:
+    """Pin the device, load the pipeline and warm it up: ``(pipeline, the worker's facts)``, whose
+    ``device_name`` /health shows and which go into every image's receipt."""
     from gpu_workers.generation import generate_images
     from gpu_workers.loading import load_pipeline
 
     device_name = _prepare_device(config)
     pipe = load_pipeline(config.model, config.device, Path(config.model_cache))
     generate_images(pipe, ShardTask("warm-up", 0, 0, ("warm-up",), (0,), None, 0.0, steps=1))
-    return pipe, device_name
+    return pipe, worker_facts(config.model, Path(config.model_cache), device_name)
 
 
 def quiet_libraries() -> None:
@@ -131,13 +133,13 @@ def worker_main(config: WorkerConfig, tasks: Any, results: Any) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker-{config.worker_id} %(levelname)s %(message)s")
     started = time.perf_counter()
     try:
-        pipe, device_name = load_for_worker(config)
+        pipe, facts = load_for_worker(config)
     except Exception as exc:  # noqa: BLE001 - reported to the pool, which shows it in /health
         log.exception("worker %d could not load model %r", config.worker_id, config.model)
         results.send(WorkerStartFailed(config.worker_id, os.getpid(), config.device, f"{exc}"))
         results.close()
         return
     sink = _LocalPipe(results, config.worker_id)
-    sink.send(WorkerReady(config.worker_id, os.getpid(), config.device, config.model, time.perf_counter() - started, device_name))
-    serve(pipe, config, _LocalQueue(tasks), sink)
+    sink.send(WorkerReady(config.worker_id, os.getpid(), config.device, config.model, time.perf_counter() - started, facts.device_name))
+    serve(pipe, config, _LocalQueue(tasks), sink, facts=facts)
     results.close()

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from contract.states import WorkerState
 from gpu_workers.messages import ShardDone, ShardFailed, ShardTask, WorkerConfig
+from gpu_workers.receipts import WorkerFacts
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,11 @@ def give_up_on_shard(label: str) -> None:
 class _Encoder:
     """Encode threads plus the sender thread: replies leave in the order the device ran shards."""
 
-    def __init__(self, sink: ResultSink, worker_id: int) -> None:
-        from gpu_workers.generation import encode_png
+    def __init__(self, sink: ResultSink, worker_id: int, facts: WorkerFacts) -> None:
+        from gpu_workers.generation import encode_image
 
-        self._encode_png = encode_png
+        self._encode_image = encode_image
+        self._facts = facts
         self._sink = sink
         self._worker_id = worker_id
         self._pool = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="encode")
@@ -144,7 +146,8 @@ class _Encoder:
         self._sender.start()
 
     def put_images(self, taken: Taken, images: list[Any], warnings: tuple[str, ...], seconds: float) -> None:
-        futures = [self._pool.submit(self._encode_png, image) for image in images]
+        task = taken.task
+        futures = [self._pool.submit(self._encode_image, image, task, offset, self._facts) for offset, image in enumerate(images)]
         self._backlog.put((taken, (futures, warnings, seconds)))
 
     def put_reply(self, taken: Taken, reply: ShardFailed | None) -> None:
@@ -171,11 +174,13 @@ class _Encoder:
         assert task is not None
         futures, warnings, seconds = work
         try:
-            pngs = tuple(future.result() for future in futures)
+            encoded = [future.result() for future in futures]
         except Exception as exc:  # noqa: BLE001 - a shard that cannot be encoded fails alone
             log.exception("shard %s/%d: encoding failed", task.request_id, task.shard_id)
             return ShardFailed(self._worker_id, task.request_id, task.shard_id, f"Image encoding failed: {exc}")
-        return ShardDone(self._worker_id, task.request_id, task.shard_id, pngs, warnings, seconds)
+        images = tuple(data for data, _ in encoded)
+        receipts = tuple(text for _, text in encoded)
+        return ShardDone(self._worker_id, task.request_id, task.shard_id, images, warnings, seconds, receipts)
 
 
 def serve(
@@ -184,8 +189,10 @@ def serve(
     source: ShardSource,
     sink: ResultSink,
     on_timeout: Callable[[str], None] = give_up_on_shard,
+    facts: WorkerFacts | None = None,
 ) -> int:
-    """Run shards until the source stops; returns the number of images made."""
+    """Run shards until the source stops; returns the number of images made. ``facts`` (the
+    worker's half of each image's receipt) default to unknown ones for a fake pipeline."""
     from gpu_workers.generation import BatchLimit, generate_fitting, truncation_warnings
 
     limit = BatchLimit()
@@ -194,7 +201,7 @@ def serve(
     room = threading.Semaphore(1)  # at most one shard taken and not yet on the device
     taker = threading.Thread(target=_take_ahead, args=(source, ahead, room), name="taker", daemon=True)
     taker.start()
-    encoder = _Encoder(sink, config.worker_id)
+    encoder = _Encoder(sink, config.worker_id, facts or WorkerFacts.unknown(config.model))
     images_done = 0
     try:
         while True:

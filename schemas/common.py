@@ -23,6 +23,29 @@ class RootSchema(Schema):
     version = fields.Str(metadata={"example": "1.0.0"})
     status = fields.Str(metadata={"example": "running"})
     endpoints = fields.Dict(keys=fields.Str(), values=fields.Str())
+    sizes = fields.List(fields.Str(), metadata={"description": "The sizes a request may ask for (setting sizes).", "example": ["1024x576", "576x1024", "1024x1024"]})
+    formats = fields.Dict(
+        keys=fields.Str(),
+        values=fields.Dict(),
+        metadata={"description": "The image formats, with their default quality (null: none).", "example": {"png": {"default_quality": None}, "webp": {"default_quality": 85}}},
+    )
+
+
+IDEMPOTENCY_PARAMETER = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": (
+        "Any unique string (a UUID) per batch. Sending the same request again with the same key gives the same job "
+        "instead of a second run (answered with Idempotent-Replayed: true), for as long as the job is kept, also "
+        "after a server restart. The same key with another body is a 422."
+    ),
+}
+IDEMPOTENCY_CONFLICT_EXAMPLE = (
+    "Idempotency-Key 'batch-7' was used for another request (job 3f2b9c4e5d6a47f8a9b0c1d2e3f4a5b6); a retry must send "
+    "the same body. Use a new key for a new request."
+)
 
 
 ERROR_SCHEMA_REF = {"$ref": "#/components/schemas/Error"}

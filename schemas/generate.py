@@ -9,8 +9,11 @@ the defaults, for the documentation.
 
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from typing import Any
 
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
+
+from contract.formats import DEFAULT_ALLOWED_SIZES, DEFAULT_SIZE, IMAGE_FORMATS, MAX_QUALITY, MIN_QUALITY, PNG, parse_size
 from schemas.fields import StrictFloat, StrictInteger
 
 DEFAULT_MAX_IMAGES = 150
@@ -37,15 +40,42 @@ def _encodable(text: str) -> None:
         raise ValidationError("Text must be valid Unicode (it holds a lone surrogate such as \\ud800).") from None
 
 
+def _size_shape(text: str) -> None:
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise ValidationError(f"{exc}; send one of {', '.join(DEFAULT_ALLOWED_SIZES)} (or what GET / lists).") from None
+
+
 def _not_blank(text: str) -> None:
     _encodable(text)
     if not text.strip():
         raise ValidationError("Prompts must not be blank.")
 
 
+SIZE_HINT = (
+    f'send "size": "WIDTHxHEIGHT" instead: {DEFAULT_SIZE} (16:9, the default), 576x1024 (9:16) or 1024x1024; '
+    "GET / lists the sizes this server allows."
+)
+
+
 class GenerateRequestSchema(Schema):
     class Meta:
         unknown = RAISE
+
+    @pre_load
+    def _no_width_or_height(self, data: Any, **kwargs: Any) -> Any:
+        """Clients of other servers send width and height by habit: name the field that does it."""
+        if isinstance(data, dict):
+            sent = [name for name in ("width", "height") if name in data]
+            if sent:
+                raise ValidationError(f"{' and '.join(sent)} {'is not a field' if len(sent) == 1 else 'are not fields'}; {SIZE_HINT}", sent[0])
+        return data
+
+    @validates_schema
+    def _quality_needs_lossy_format(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("quality") is not None and data.get("image_format") == PNG.name:
+            raise ValidationError("quality applies to webp and jpeg; png is lossless and takes none.", "quality")
 
     prompts = fields.List(
         fields.Str(validate=_not_blank),
@@ -87,8 +117,45 @@ class GenerateRequestSchema(Schema):
         load_default="base64",
         validate=validate.OneOf(RETURN_FORMATS, error="return_format must be one of: {choices}."),
         metadata={
-            "description": "base64: PNGs inline as base64 strings. url: links to /images/{id}.png, kept for the retention time.",
+            "description": "base64: the images inline as base64 strings. url: links to /images/{id}.{png,webp,jpg}, kept for the retention time (the 128-bit id is the capability: no API key needed to open one).",
             "example": "base64",
+        },
+    )
+    image_format = fields.Str(
+        data_key="format",
+        load_default=PNG.name,
+        validate=validate.OneOf(tuple(IMAGE_FORMATS), error="format must be one of: {choices}."),
+        metadata={
+            "description": (
+                "png (default, lossless, about 1 MB at 1024x576), webp or jpeg (a tenth of that or less: see "
+                "BENCHMARKS.md). Every image carries its receipt (prompt, seed, steps, model, versions) in its "
+                "own metadata: PNG text chunk sdxl-receipt, EXIF ImageDescription for WebP and JPEG."
+            ),
+            "example": "webp",
+        },
+    )
+    quality = StrictInteger(
+        allow_none=True,
+        load_default=None,
+        validate=validate.Range(min=MIN_QUALITY, max=MAX_QUALITY),
+        metadata={
+            "description": (
+                f"{MIN_QUALITY} to {MAX_QUALITY}, for webp and jpeg only; absent: "
+                + ", ".join(f"{f.name} {f.default_quality}" for f in IMAGE_FORMATS.values() if f.default_quality)
+                + ". Same seed, format and quality: the same bytes."
+            ),
+            "example": 85,
+        },
+    )
+    size = fields.Str(
+        load_default=DEFAULT_SIZE,
+        validate=_size_shape,
+        metadata={
+            "description": (
+                f"WIDTHxHEIGHT of every image of the request: {DEFAULT_SIZE} (16:9, default), 576x1024 (9:16, Shorts "
+                "and Reels) or 1024x1024; the list is the server's setting `sizes` (GET / shows it). One request, one size."
+            ),
+            "example": DEFAULT_SIZE,
         },
     )
     seed = StrictInteger(
@@ -120,7 +187,7 @@ class GenerateResponseSchema(Schema):
         fields.Str(),
         required=True,
         metadata={
-            "description": "base64 PNG strings, or absolute URLs for return_format url; in request order (all images of prompt 0, then prompt 1, ...).",
+            "description": "base64 strings of the images (in the request's format), or absolute URLs for return_format url; in request order (all images of prompt 0, then prompt 1, ...).",
             "example": ["iVBORw0KGgoAAAANSUhEUgAA..."],
         },
     )

@@ -34,6 +34,16 @@ class JobStatusSchema(Schema):
     images_done = fields.Int(required=True, metadata={"description": "Images finished and stored.", "example": 4})
     images_total = fields.Int(required=True, metadata={"example": 12})
     return_format = fields.Str(metadata={"example": "base64"})
+    format = fields.Str(metadata={"description": "The image format: png, webp or jpeg.", "example": "webp"})
+    size = fields.Str(metadata={"description": "WIDTHxHEIGHT of the job's images.", "example": "1024x576"})
+    finished_images = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "Only while the job is not done (running, cancelled, failed): the images it has finished, "
+            "readable at their url (or all at once from /jobs/{id}/archive).",
+            "example": [{"index": 0, "seed": 1234, "url": "https://example.ngrok.app/images/0123456789abcdef0123456789abcdef.webp"}],
+        },
+    )
     created_at = fields.Float(metadata={"description": "Unix time the job was accepted.", "example": 1795000000.0})
     finished_at = fields.Float(allow_none=True, metadata={"description": "Unix time the job ended; it expires one retention time later.", "example": None})
     expires_at = fields.Float(allow_none=True, metadata={"description": "Unix time the job and its images are removed.", "example": None})
@@ -76,3 +86,8 @@ class ProgressLineSchema(Schema):
     warnings = fields.List(fields.Str(), metadata={"example": []})
     message = fields.Str(metadata={"example": "Successfully generated 12 image(s)"})
     detail = fields.Str(metadata={"example": "Image generation failed: CUDA out of memory"})
+
+
+class JobListSchema(Schema):
+    jobs = fields.List(fields.Nested(JobStatusSchema), required=True, metadata={"description": "Newest first, without their images."})
+    next = fields.Str(allow_none=True, metadata={"description": "The next page, or null.", "example": f"/jobs?limit=20&before={JOB_ID_EXAMPLE}"})

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from contract.batch import SEED_SPACE, BatchSpec
+from contract.formats import parse_size
 from service.access_log import IMAGES
 from service.errors import json_error
 from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
@@ -33,6 +34,7 @@ def admit(request: web.Request, data: dict[str, Any]) -> BatchSpec | web.Respons
         seed = secrets.randbelow(SEED_SPACE)
     request[IMAGES] = total
     request.app[JOBS].reserve(total)  # before any await: JobManager.create releases it
+    width, height = parse_size(data["size"])
     return BatchSpec(
         prompts=tuple(data["prompts"]),
         num_images_per_prompt=data["num_images_per_prompt"],
@@ -41,6 +43,10 @@ def admit(request: web.Request, data: dict[str, Any]) -> BatchSpec | web.Respons
         guidance_scale=data["guidance_scale"],
         return_format=data["return_format"],
         shard_size=settings.max_batch,
+        width=width,
+        height=height,
+        image_format=data["image_format"],
+        quality=data["quality"],
     )
 
 
@@ -50,6 +56,8 @@ def _limit_problem(data: dict[str, Any], total: int, settings: Any) -> str | Non
             f"Too many images: {len(data['prompts'])} prompt(s) x {data['num_images_per_prompt']} = {total}; "
             f"the limit is {settings.max_images} per request."
         )
+    if data["size"] not in settings.allowed_sizes():
+        return f"size {data['size']} is not served here; this server makes {', '.join(settings.allowed_sizes())}."
     for index, prompt in enumerate(data["prompts"]):
         if len(prompt) > settings.max_prompt_chars:
             return f"prompts[{index}] is {len(prompt)} characters long; the limit is {settings.max_prompt_chars}."

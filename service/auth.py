@@ -6,6 +6,7 @@ the time taken says nothing about how much of a key was right. Keys are never lo
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Any
 
@@ -15,9 +16,10 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 from service.errors import json_error
 from service.keys import API_KEYS, SETTINGS
 
-# Routes a monitor or a person needs without a key: health checks and the documentation page.
+# Routes a monitor or a person needs without a key: health checks and the documentation page; and
+# the images, whose 128-bit names are their own capability (``routes.image`` says why).
 OPEN_PATHS = ("/health", "/docs", "/openapi.json")
-OPEN_PREFIXES = ("/static/swagger/", "/docs/")
+OPEN_PREFIXES = ("/static/swagger/", "/docs/", "/images/")
 
 
 def _is_open(request: web.Request) -> bool:
@@ -32,6 +34,15 @@ def presented_key(request: web.Request) -> str | None:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     return request.headers.get("X-API-Key") or None
+
+
+def owner_of(request: web.Request) -> str:
+    """Whose job a request makes, for ``GET /jobs`` and idempotency keys: a digest of the API key
+    (never the key itself, which must not reach the database or a log), or '' without keys."""
+    if not request.app[API_KEYS]:
+        return ""
+    candidate = presented_key(request) or ""
+    return "key-" + hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:

@@ -1,7 +1,8 @@
-"""Every job's PNG files, under unguessable ids, within a disk budget.
+"""Every job's image files, under unguessable names, within a disk budget.
 
-Ids are 128 random bits in hex, and a lookup accepts nothing but that shape, so a path can never
-leave the folder. Writes go to a temporary name and are renamed, so a reader never sees half a file.
+A name is 128 random bits in hex and the format's extension (``<id>.webp``); a lookup accepts
+nothing but that shape, so a path can never leave the folder. (Rows written before formats existed
+name a bare id: that is ``<id>.png``.) Writes go to a temporary name and are renamed, so a reader never sees half a file.
 When the folder passes its byte budget the oldest go first: a public server must not let anyone
 fill its disk. How long images live is the jobs' business (``JobManager.expire``: a job's
 retention counts from when it finished), never a file's age: a server that was down longer than
@@ -22,9 +23,11 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from contract.formats import CONTENT_TYPES
+
 log = logging.getLogger(__name__)
 
-IMAGE_ID = re.compile(r"[0-9a-f]{32}")
+IMAGE_NAME = re.compile(r"(?P<id>[0-9a-f]{32})(?:\.(?P<ext>" + "|".join(CONTENT_TYPES) + r"))?")
 # What an image is assumed to weigh before any was stored: a 1024x576 PNG at level 1 is 0.8-1.4 MB.
 FIRST_BYTES_PER_IMAGE = 1_500_000
 
@@ -37,9 +40,9 @@ class ImageStore:
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # saves run in worker threads
         self._sizes: OrderedDict[str, int] = OrderedDict()  # oldest first
-        for path in sorted(directory.glob("*.png"), key=lambda p: p.stat().st_mtime):
-            if IMAGE_ID.fullmatch(path.stem):
-                self._sizes[path.stem] = path.stat().st_size
+        for path in sorted(directory.iterdir(), key=lambda p: p.stat().st_mtime):
+            if file_name(path.name) == path.name:
+                self._sizes[path.name] = path.stat().st_size
         self._used = sum(self._sizes.values())
         self.bytes_per_image = float(FIRST_BYTES_PER_IMAGE)
         self._sizes_seen = 0
@@ -59,29 +62,31 @@ class ImageStore:
         except OSError:
             return 0
 
-    def save(self, png: bytes) -> str:
-        """Store one image and return its id (blocking I/O: call it from a thread). A folder that
+    def save(self, data: bytes, extension: str) -> str:
+        """Store one image and return its name (blocking I/O: call it from a thread). A folder that
         was removed is made again; any other fault raises ``OSError`` and leaves no partial file."""
-        image_id = secrets.token_hex(16)
-        final = self.directory / f"{image_id}.png"
+        if extension not in CONTENT_TYPES:
+            raise ValueError(f"not an image extension: {extension!r}")
+        name = f"{secrets.token_hex(16)}.{extension}"
+        final = self.directory / name
         partial = final.with_suffix(".part")
         try:
             try:
-                partial.write_bytes(png)
+                partial.write_bytes(data)
             except FileNotFoundError:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                partial.write_bytes(png)
+                partial.write_bytes(data)
             os.replace(partial, final)
         except OSError:
             if partial.parent.is_dir():
                 partial.unlink(missing_ok=True)
             raise
         with self._lock:
-            self._sizes[image_id] = len(png)
-            self._used += len(png)
-            self._learn_size(len(png))
+            self._sizes[name] = len(data)
+            self._used += len(data)
+            self._learn_size(len(data))
             self._enforce_budget()
-        return image_id
+        return name
 
     def _learn_size(self, size: int) -> None:
         """A moving average of bytes per image, for admission's estimate of a batch's disk space."""
@@ -105,28 +110,33 @@ class ImageStore:
     def sweep(self, known: set[str]) -> int:
         """Delete what no job names: partial files, and images whose database row was never written
         (a kill between the two). Run at start, before any job resumes."""
+        known = {file_name(name) for name in known}
         removed = 0
-        for path in list(self.directory.glob("*.part")) + list(self.directory.glob("*.png")):
-            if path.suffix == ".png" and path.stem in known:
-                continue
-            if path.suffix == ".png":
-                self._remove(path.stem)
-            else:
+        for path in list(self.directory.iterdir()):
+            if path.suffix == ".part":
                 path.unlink(missing_ok=True)
+            elif file_name(path.name) == path.name and path.name not in known:
+                self._remove(path.name)
+            else:
+                continue
             removed += 1
         return removed
 
-    def path_for(self, image_id: str) -> Path | None:
-        if not IMAGE_ID.fullmatch(image_id):
+    def path_for(self, name: str) -> Path | None:
+        """The file of an image name (``<id>.<ext>``, or a bare id from before formats), if it is
+        one of ours and still there."""
+        stored = file_name(name)
+        if stored is None:
             return None
-        path = self.directory / f"{image_id}.png"
+        path = self.directory / stored
         return path if path.is_file() else None
 
-    def remove_all(self, image_ids: list[str]) -> None:
-        """Delete these images (an expired job's); ids that are already gone are skipped."""
-        for image_id in image_ids:
-            if IMAGE_ID.fullmatch(image_id):
-                self._remove(image_id)
+    def remove_all(self, names: list[str]) -> None:
+        """Delete these images (an expired job's); names that are already gone are skipped."""
+        for name in names:
+            stored = file_name(name)
+            if stored is not None:
+                self._remove(stored)
 
     def _enforce_budget(self) -> None:
         """Drop the oldest images until the folder fits its budget (the newest always stays)."""
@@ -137,10 +147,23 @@ class ImageStore:
             log.info("image folder over its %d-byte budget: removing %s", self.max_bytes, oldest)
             self._remove(oldest, locked=True)
 
-    def _remove(self, image_id: str, locked: bool = False) -> None:
+    def _remove(self, name: str, locked: bool = False) -> None:
         if not locked:
             with self._lock:
-                self._remove(image_id, locked=True)
+                self._remove(name, locked=True)
             return
-        self._used -= self._sizes.pop(image_id, 0)
-        (self.directory / f"{image_id}.png").unlink(missing_ok=True)
+        self._used -= self._sizes.pop(name, 0)
+        (self.directory / name).unlink(missing_ok=True)
+
+
+def file_name(name: str) -> str | None:
+    """The file name an image name stands for, or None when it is not one of ours."""
+    match = IMAGE_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return f"{match['id']}.{match['ext'] or 'png'}"
+
+
+def content_type(name: str) -> str:
+    """The Content-Type of a stored image, by its extension."""
+    return CONTENT_TYPES[name.rsplit(".", 1)[-1]]

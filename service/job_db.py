@@ -47,6 +47,46 @@ CREATE TABLE IF NOT EXISTS job_images (
     PRIMARY KEY (job_id, idx)
 );
 """
+# Columns added after the first release: a database written before gains them on open (with
+# defaults that say "not known" for the rows it already holds).
+_ADDED_COLUMNS = {
+    "jobs": {
+        # Who submitted the job (``service.auth.owner_of``: never the key itself); '' with no keys.
+        "owner": "TEXT NOT NULL DEFAULT ''",
+        # Idempotency-Key of the request and a hash of its validated body.
+        "idempotency_key": "TEXT",
+        "request_hash": "TEXT",
+    },
+    "job_images": {"sha256": "TEXT", "bytes": "INTEGER", "receipt": "TEXT"},
+}
+_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_idempotency_key ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
+"""
+
+
+class IdempotencyKeyTaken(Exception):
+    """Another job was created with this owner's key first (two requests at once)."""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One stored image of a job: its file name in the image store, and what the archive's
+    manifest says of it."""
+
+    index: int
+    name: str
+    sha256: str | None
+    bytes: int | None
+    receipt: str | None
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A request's ``Idempotency-Key`` and the hash of its body, within its owner's keys."""
+
+    key: str
+    request_hash: str
 
 
 @dataclass(frozen=True)
@@ -80,27 +120,85 @@ class JobDatabase:
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process kill
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+        self._db.executescript(_INDEXES)
+
+    def _add_missing_columns(self) -> None:
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, declaration in columns.items():
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def create(self, job_id: str, spec: BatchSpec) -> JobRecord:
+    def create(self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None) -> JobRecord:
+        """Write an accepted job; ``IdempotencyKeyTaken`` when its owner's key names a job already."""
         now = time.time()
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT INTO jobs (id, state, spec, images_total, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, QUEUED, spec.to_json(), spec.total_images, now, now),
-            )
+        key, request_hash = (idempotency.key, idempotency.request_hash) if idempotency else (None, None)
+        try:
+            with self._lock, self._db:
+                self._db.execute("BEGIN")
+                self._db.execute(
+                    "INSERT INTO jobs (id, state, spec, images_total, created_at, updated_at, owner, idempotency_key, request_hash)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, QUEUED, spec.to_json(), spec.total_images, now, now, owner, key, request_hash),
+                )
+        except sqlite3.IntegrityError as exc:
+            if key is not None and "idempotency_key" in str(exc):
+                raise IdempotencyKeyTaken(key) from exc
+            raise
         return JobRecord(job_id, QUEUED, spec, 0, None, (), now, now, None)
 
-    def record_shard(self, job_id: str, first_index: int, image_ids: Iterable[str], warnings: Iterable[str]) -> int:
-        """One finished shard, in one transaction; returns the job's images done."""
-        rows = [(job_id, first_index + offset, image_id) for offset, image_id in enumerate(image_ids)]
+    def by_idempotency_key(self, owner: str, key: str) -> tuple[JobRecord, str] | None:
+        """The job an owner's ``Idempotency-Key`` created, and the hash of that request's body."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS}, request_hash FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, key)
+            ).fetchone()
+        return None if row is None else (_record(row[:-1]), row[-1])
+
+    def list_jobs(self, owner: str | None, limit: int, before: tuple[float, str] | None = None) -> list[JobRecord]:
+        """Jobs newest first; ``owner`` None: everyone's; ``before``: (created_at, id) of the last
+        job of the previous page (a cursor that stays right while new jobs arrive)."""
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if before is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args += [before[0], before[0], before[1]]
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def stored_images(self, job_id: str, since: int = 0) -> list[StoredImage]:
+        """The job's stored images with index ``since`` and up, in index order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT idx, image_id, sha256, bytes, receipt FROM job_images WHERE job_id = ? AND idx >= ? ORDER BY idx",
+                (job_id, since),
+            ).fetchall()
+        return [StoredImage(*row) for row in rows]
+
+    def record_shard(self, job_id: str, first_index: int, images: Iterable[StoredImage | str], warnings: Iterable[str]) -> int:
+        """One finished shard, in one transaction; returns the job's images done. ``images`` in
+        shard order (a bare file name: nothing known of it but its name)."""
+        rows = []
+        for offset, image in enumerate(images):
+            if isinstance(image, str):
+                image = StoredImage(first_index + offset, image, None, None, None)
+            rows.append((job_id, first_index + offset, image.name, image.sha256, image.bytes, image.receipt))
         with self._lock, self._db:
             self._db.execute("BEGIN")
-            added = self._db.executemany("INSERT OR IGNORE INTO job_images (job_id, idx, image_id) VALUES (?, ?, ?)", rows).rowcount
+            added = self._db.executemany(
+                "INSERT OR IGNORE INTO job_images (job_id, idx, image_id, sha256, bytes, receipt) VALUES (?, ?, ?, ?, ?, ?)", rows
+            ).rowcount
             known = json.loads(self._db.execute("SELECT warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
             merged = list(dict.fromkeys([*known, *warnings]))
             self._db.execute(

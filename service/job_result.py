@@ -24,7 +24,7 @@ from contract.states import JobState
 from service.admission import DRAINING_RETRY_AFTER
 from service.connections import BodyWriter
 from service.errors import json_error
-from service.image_store import ImageStore
+from service.image_store import ImageStore, file_name
 from service.jobs import JobEnded, LiveJob
 
 
@@ -32,15 +32,16 @@ def evicted_detail(job_id: str, missing: int) -> str:
     return f"Job {job_id} is done, but {missing} of its images were removed to keep the image folder within its disk budget."
 
 
-def image_url(base: str, image_id: str) -> str:
-    return f"{base}/images/{image_id}.png"
+def image_url(base: str, name: str) -> str:
+    """The link of a stored image (``<id>.<ext>``; a bare id from before formats is a PNG)."""
+    return f"{base}/images/{file_name(name)}"
 
 
-def image_value(spec: BatchSpec, png: bytes | Path, image_id: str, base: str) -> bytes:
-    """One image as the answer carries it: its URL, or its PNG in base64 (both as ASCII bytes)."""
+def image_value(spec: BatchSpec, image: bytes | Path, image_id: str, base: str) -> bytes:
+    """One image as the answer carries it: its URL, or its bytes in base64 (both as ASCII bytes)."""
     if spec.as_url:
         return image_url(base, image_id).encode()
-    return base64.b64encode(png.read_bytes() if isinstance(png, Path) else png)
+    return base64.b64encode(image.read_bytes() if isinstance(image, Path) else image)
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,17 @@ class JobResult:
     detail: str | None = None
     # For a failure told before the status line went out (503: retrying later can help).
     status: int = 500
-    # A done job's images in request order: PNG bytes (just made) or stored files, and their ids.
-    pngs: tuple[bytes | Path, ...] = ()
+    # A done job's images in request order: bytes (just made) or stored files, and their names.
+    images: tuple[bytes | Path, ...] = ()
     image_ids: tuple[str, ...] = ()
 
     @classmethod
-    def from_live(cls, job: LiveJob, ended: JobEnded, stored: Mapping[int, tuple[str, ...]], store: ImageStore) -> JobResult:
-        """From the events a handler followed: ``stored`` holds each shard's image ids by its first
-        index; the images are read back from the store's files when the body is written."""
+    def from_live(
+        cls, job: LiveJob, ended: JobEnded, stored: Mapping[int, str] | None = None, store: ImageStore | None = None
+    ) -> JobResult:
+        """From a job a handler followed to its end: ``stored`` holds the image names by index (the
+        database's); the images are read back from the store's files when the body is written.
+        Without them, a result to summarise (the NDJSON summary line), with no images to write."""
         result = cls(
             job_id=job.job_id,
             spec=job.spec,
@@ -70,9 +74,9 @@ class JobResult:
             detail=ended.detail,
             status=ended.status,
         )
-        if not result.done:
+        if not result.done or stored is None or store is None:
             return result
-        return result.with_files(tuple(image_id for first in sorted(stored) for image_id in stored[first]), store)
+        return result.with_files(tuple(stored.get(index, "") for index in range(job.spec.total_images)), store)
 
     def with_files(self, image_ids: tuple[str, ...], store: ImageStore) -> JobResult:
         """A done result whose images are read from their stored files as the body is written; a
@@ -81,7 +85,7 @@ class JobResult:
         missing = sum(path is None for path in paths)
         if missing:
             return replace(self, state=JobState.FAILED, status=410, detail=evicted_detail(self.job_id, missing))
-        return replace(self, pngs=tuple(path for path in paths if path is not None), image_ids=image_ids)
+        return replace(self, images=tuple(path for path in paths if path is not None), image_ids=image_ids)
 
     @property
     def done(self) -> bool:
@@ -120,11 +124,11 @@ class JobResult:
             await writer.finish()
             return
         await writer.write(b'{"success": true, "images": [')
-        for index, (png, image_id) in enumerate(zip(self.pngs, self.image_ids, strict=True)):
+        for index, (image, image_id) in enumerate(zip(self.images, self.image_ids, strict=True)):
             if self.spec.as_url:
-                value = image_value(self.spec, png, image_id, base)
+                value = image_value(self.spec, image, image_id, base)
             else:
-                value = await asyncio.to_thread(image_value, self.spec, png, image_id, base)
+                value = await asyncio.to_thread(image_value, self.spec, image, image_id, base)
             await writer.write((b'"' if index == 0 else b', "') + value + b'"')
         rest = json.dumps({**self.success_fields(), **(extra or {})})
         await writer.write(b"], " + rest[1:].encode())

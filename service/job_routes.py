@@ -13,23 +13,26 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema
 
-from schemas.common import error_response
+from schemas.common import IDEMPOTENCY_CONFLICT_EXAMPLE, IDEMPOTENCY_PARAMETER, error_response
 from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema
-from schemas.jobs import JobCreatedSchema, JobStatusSchema
-from service.access_log import REQUEST_ID
-from service.admission import admit
-from service.auth import continue_if_allowed
+from schemas.jobs import JobCreatedSchema, JobListSchema, JobStatusSchema
+from service.archive import ArchiveEntry, blocks, build_zip, entry_name
+from service.auth import continue_if_allowed, owner_of
 from service.errors import json_error
 from contract.states import JobState
 from service.job_db import DONE, JobRecord
 from service.job_listening import base_url
-from service.job_result import JobResult
+from service.idempotency import REPLAYED_HEADER
+from service.job_result import JobResult, image_url
 from service.keys import JOBS, SETTINGS, STORE
 from service.streaming import start_stream
+from service.submission import submit
 
 log = logging.getLogger(__name__)
 
 NO_SUCH_JOB = "No such job: it never existed or has expired."
+DEFAULT_PAGE = 20
+MAX_PAGE = 100
 JOB_ID_PARAMETER = [{"in": "path", "name": "job_id", "required": True, "schema": {"type": "string"}, "description": "The id from POST /jobs, or X-Job-Id of /generate"}]
 
 
@@ -38,28 +41,74 @@ JOB_ID_PARAMETER = [{"in": "path", "name": "job_id", "required": True, "schema":
     summary="Start a batch and return at once",
     description=(
         "Same body and limits as POST /generate. Answers 202 with the job id and a `Location` to poll "
-        "(`GET /jobs/{id}`); the images are stored as they finish and survive a server restart."
+        "(`GET /jobs/{id}`); the images are stored as they finish and survive a server restart. With an "
+        "`Idempotency-Key`, a retry answers 202 with the same job (and `Idempotent-Replayed: true`)."
     ),
+    parameters=[IDEMPOTENCY_PARAMETER],
     responses={
         202: {"description": "Accepted: the job is queued", "schema": JobCreatedSchema},
         400: error_response("Invalid body, as for /generate", "Invalid request: prompts: Missing data for required field."),
         401: error_response("Missing or wrong API key (only when the server has one set)", "This server needs an API key: send Authorization: Bearer <key> or X-API-Key: <key>."),
         413: error_response("Body larger than the server's limit", "The request body is too large: Maximum request body size 1048576 exceeded."),
+        422: error_response("The Idempotency-Key was used for another body", IDEMPOTENCY_CONFLICT_EXAMPLE),
         503: error_response("Queue full, no worker ready, or shutting down; Retry-After says when to try again", "The server is shutting down and takes no new requests."),
     },
 )
 @request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST)
 async def create_job(request: web.Request) -> web.Response:
-    admitted = admit(request, request["data"])
-    if isinstance(admitted, web.Response):
-        return admitted
-    job_id = request[REQUEST_ID]
-    job, listener = await request.app[JOBS].create(job_id, admitted)
-    job.stop_listening(listener)
+    submitted = await submit(request, request["data"])
+    if isinstance(submitted, web.Response):
+        return submitted
+    job = submitted.job
+    job.stop_listening(submitted.listener)
+    spec, job_id = job.spec, job.job_id
     location = f"/jobs/{job_id}"
-    log.info("job %s: %d image(s), seed %d, %s (POST /jobs)", job_id, admitted.total_images, admitted.seed, admitted.return_format)
-    body = {"job_id": job_id, "state": job.state, "images_total": admitted.total_images, "seeds": list(admitted.seeds), "location": location}
-    return web.json_response(body, status=202, headers={"Location": location, "X-Job-Id": job_id})
+    headers = {"Location": location, "X-Job-Id": job_id}
+    if submitted.replayed:
+        headers[REPLAYED_HEADER] = "true"
+        log.info("job %s: the same Idempotency-Key again (POST /jobs)", job_id)
+    else:
+        log.info("job %s: %d image(s) %s %s, seed %d, %s (POST /jobs)", job_id, spec.total_images, spec.size, spec.image_format, spec.seed, spec.return_format)
+    body = {"job_id": job_id, "state": job.state, "images_total": spec.total_images, "seeds": list(spec.seeds), "location": location}
+    return web.json_response(body, status=202, headers=headers)
+
+
+@docs(
+    tags=["jobs"],
+    summary="Your jobs, newest first",
+    description=(
+        "The jobs of the API key in use (every job where the server has no keys), newest first, as GET /jobs/{id} "
+        "describes them without their images. `next` is the link to the following page (null on the last one)."
+    ),
+    parameters=[
+        {"in": "query", "name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE}},
+        {"in": "query", "name": "before", "schema": {"type": "string"}, "description": "The job_id of the last job of the previous page"},
+    ],
+    responses={
+        200: {"description": "A page of jobs", "schema": JobListSchema},
+        400: error_response("A bad limit or cursor", "limit must be a whole number from 1 to 100."),
+    },
+)
+async def list_jobs(request: web.Request) -> web.Response:
+    jobs = request.app[JOBS]
+    try:
+        limit = int(request.query.get("limit", DEFAULT_PAGE))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        return json_error(400, f"limit must be a whole number from 1 to {MAX_PAGE}.")
+    owner = owner_of(request)
+    cursor = None
+    if "before" in request.query:
+        last = await jobs.record(request.query["before"])
+        if last is None:
+            return json_error(400, "before must be the job_id of a job on the previous page (that job has expired or never existed).")
+        cursor = (last.created_at, last.job_id)
+    records = await asyncio.to_thread(jobs.db.list_jobs, owner, limit + 1, cursor)
+    retention = request.app[SETTINGS].image_retention
+    page = records[:limit]
+    following = f"/jobs?limit={limit}&before={page[-1].job_id}" if len(records) > limit else None
+    return web.json_response({"jobs": [_status(record, retention) for record in page], "next": following})
 
 
 @docs(
@@ -87,8 +136,13 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     if record.state != DONE:
         if record.finished:
             status["success"] = False
+        links = base_url(request)
+        stored = await request.app[JOBS].stored_images(record.job_id)
+        status["finished_images"] = [
+            {"index": image.index, "seed": record.spec.seeds[image.index], "url": image_url(links, image.name)} for image in stored
+        ]
         return web.json_response(status, headers={"X-Job-Id": record.job_id})
-    ids = await asyncio.to_thread(request.app[JOBS].db.image_ids, record.job_id)
+    ids = {image.index: image.name for image in await request.app[JOBS].stored_images(record.job_id)}
     done = JobResult(record.job_id, record.spec, JobState.DONE, record.images_done, warnings=record.warnings)
     result = done.with_files(tuple(ids.get(index, "") for index in range(record.images_total)), request.app[STORE])
     if not result.done:
@@ -126,6 +180,60 @@ async def cancel_job(request: web.Request) -> web.Response:
     return web.json_response(_status(record, request.app[SETTINGS].image_retention), headers={"X-Job-Id": job_id})
 
 
+@docs(
+    tags=["jobs"],
+    summary="A job's images as one zip",
+    description=(
+        "The images as stored (same bytes as the links and base64), not compressed again, with `manifest.json` first "
+        "(index, file, prompt, seed, sha256, bytes, receipt of each image). Streamed, with a Content-Length. For a job "
+        "still running: the images finished so far; a cancelled or failed job: those it finished. `since=N` leaves out "
+        "the images before index N, so a client whose download was cut fetches only the rest. Headers X-Job-State and "
+        "X-Images-Done say how far the job was when the archive was made."
+    ),
+    parameters=[
+        *JOB_ID_PARAMETER,
+        {"in": "query", "name": "since", "schema": {"type": "integer", "minimum": 0, "default": 0}, "description": "The first image index to include"},
+    ],
+    responses={
+        200: {"description": "The zip", "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}},
+        400: error_response("A bad since", "since must be a whole number, 0 or more."),
+        404: error_response("Unknown or expired job", NO_SUCH_JOB),
+    },
+)
+async def job_archive(request: web.Request) -> web.StreamResponse:
+    raw_since = request.query.get("since", "0")
+    if not (raw_since.isascii() and raw_since.isdigit()) or len(raw_since) > 9:
+        return json_error(400, "since must be a whole number, 0 or more (the first image index to include).")
+    since = int(raw_since)
+    jobs = request.app[JOBS]
+    record = await jobs.record(request.match_info["job_id"])
+    if record is None:
+        return json_error(404, NO_SUCH_JOB)
+    store = request.app[STORE]
+    entries = []
+    for image in await jobs.stored_images(record.job_id, since):
+        path = store.path_for(image.name)
+        if path is not None:  # a file the disk budget removed is left out, and the manifest says so
+            entries.append(ArchiveEntry(image, path, entry_name(record.spec, image.index, image.name)))
+    archive = await asyncio.to_thread(build_zip, record, since, entries)
+    suffix = f"-from-{since}" if since else ""
+    headers = {
+        "X-Job-Id": record.job_id,
+        "X-Job-State": record.state,
+        "X-Images-Done": str(record.images_done),
+        "Content-Disposition": f'attachment; filename="job-{record.job_id}{suffix}.zip"',
+        "Cache-Control": "no-store",
+    }
+    writer = await start_stream(request, headers, "application/zip", content_length=len(archive))
+    try:
+        async for block in blocks(archive):
+            await writer.write(block)
+        await writer.finish()
+    except ConnectionError:
+        log.info("job %s: the client went away while reading its archive", record.job_id)
+    return writer.response
+
+
 def _status(record: JobRecord, retention: float) -> dict[str, Any]:
     status: dict[str, Any] = {
         "job_id": record.job_id,
@@ -133,6 +241,8 @@ def _status(record: JobRecord, retention: float) -> dict[str, Any]:
         "images_done": record.images_done,
         "images_total": record.images_total,
         "return_format": record.spec.return_format,
+        "format": record.spec.image_format,
+        "size": record.spec.size,
         "created_at": record.created_at,
         "finished_at": record.finished_at,
         "expires_at": None if record.finished_at is None else record.finished_at + retention,
@@ -146,6 +256,8 @@ def _status(record: JobRecord, retention: float) -> dict[str, Any]:
 
 JOB_ROUTES = [
     web.post("/jobs", create_job, expect_handler=continue_if_allowed),
+    web.get("/jobs", list_jobs, allow_head=False),
     web.get("/jobs/{job_id}", get_job, allow_head=False),
+    web.get("/jobs/{job_id}/archive", job_archive, allow_head=False),
     web.delete("/jobs/{job_id}", cancel_job),
 ]

@@ -13,6 +13,7 @@ as its client is gone, so nothing accumulates for nobody.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from contract.batch import BatchSpec
 from contract.failures import RequestFailed
+from contract.formats import IMAGE_FORMATS
 from gpu_workers.backend import RequestEvents, ShardBackend
 from gpu_workers.ledger import Drained
 from gpu_workers.messages import ShardDone, ShardTask
@@ -32,8 +34,10 @@ from service.job_db import (
     FAILED,
     QUEUED,
     RUNNING,
+    Idempotency,
     JobDatabase,
     JobRecord,
+    StoredImage,
 )
 
 log = logging.getLogger(__name__)
@@ -46,10 +50,11 @@ STORE_RETRY_MAX = 10.0
 
 @dataclass(frozen=True)
 class ShardStored:
-    """A shard's images, on disk and in the database: ``pngs`` and ``image_ids`` in shard order."""
+    """A shard's images, on disk and in the database: ``images`` (bytes) and ``image_ids`` (their
+    file names) in shard order."""
 
     first_index: int
-    pngs: tuple[bytes, ...]
+    images: tuple[bytes, ...]
     image_ids: tuple[str, ...]
     warnings: tuple[str, ...]
     images_done: int
@@ -167,11 +172,14 @@ class JobManager:
         requests cannot all pass the bound; ``create`` hands them to the engine and releases them."""
         self._reserved += images
 
-    async def create(self, job_id: str, spec: BatchSpec) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
+    async def create(
+        self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None
+    ) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
         """Record the job, then queue all its shards; the caller listens from the first event.
-        Its images were reserved by admission: released here once the engine counts them."""
+        Its images were reserved by admission: released here once the engine counts them.
+        ``IdempotencyKeyTaken`` when a request with the same key got there first."""
         try:
-            record = await asyncio.to_thread(self.db.create, job_id, spec)
+            record = await asyncio.to_thread(self.db.create, job_id, spec, owner, idempotency)
             job = LiveJob(job_id, spec, 0, record.created_at)
             listener = job.listen()
             self._run(job, split_into_shards(job_id, spec))
@@ -181,6 +189,27 @@ class JobManager:
 
     async def record(self, job_id: str) -> JobRecord | None:
         return await asyncio.to_thread(self.db.get, job_id)
+
+    async def attach(self, job_id: str) -> tuple[LiveJob, asyncio.Queue[JobEvent]] | None:
+        """Listen to a job accepted before (an idempotent retry): a running one from now on; one
+        that has ended through a listener that holds its end already. None: no such job."""
+        live = self._live.get(job_id)
+        if live is not None:
+            return live, live.listen()
+        record = await self.record(job_id)
+        if record is None:
+            return None
+        live = self._live.get(job_id)  # it may have started while the database answered
+        if live is not None:
+            return live, live.listen()
+        job = LiveJob(record.job_id, record.spec, record.images_done, record.created_at, state=record.state)
+        job.warnings.update(dict.fromkeys(record.warnings))
+        listener = job.listen()
+        listener.put_nowait(JobEnded(record.state, record.detail))
+        return job, listener
+
+    async def stored_images(self, job_id: str, since: int = 0) -> list[StoredImage]:
+        return await asyncio.to_thread(self.db.stored_images, job_id, since)
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         """Queued shards never run; a shard already running finishes and its images are kept."""
@@ -244,7 +273,8 @@ class JobManager:
             if isinstance(event, Drained):
                 return JobEnded(CANCELLED, CANCELLED_DETAIL)
             first = first_index[event.shard_id]
-            image_ids, job.images_done = await self._store_until_stored(job.job_id, first, event)
+            extension = IMAGE_FORMATS[job.spec.image_format].extension
+            image_ids, job.images_done = await self._store_until_stored(job.job_id, first, event, extension)
             if job.state == QUEUED:
                 job.state = RUNNING
             job.warnings.update(dict.fromkeys(event.warnings))
@@ -253,7 +283,7 @@ class JobManager:
             if to_store == 0:
                 return JobEnded(DONE) if job.state != CANCELLED else JobEnded(CANCELLED, CANCELLED_DETAIL)
 
-    async def _store_until_stored(self, job_id: str, first_index: int, event: ShardDone) -> tuple[tuple[str, ...], int]:
+    async def _store_until_stored(self, job_id: str, first_index: int, event: ShardDone, extension: str) -> tuple[tuple[str, ...], int]:
         """Store a finished shard, waiting out a disk or database fault (full, read-only, the folder
         gone, too many open files): the images stay in memory and the store is tried again, with a
         backoff, until it works. A fault of the disk never fails an accepted job; /health and
@@ -261,7 +291,7 @@ class JobManager:
         delay = STORE_RETRY_FIRST
         while True:
             try:
-                stored = await asyncio.to_thread(self._store_shard, job_id, first_index, event)
+                stored = await asyncio.to_thread(self._store_shard, job_id, first_index, event, extension)
             except (OSError, sqlite3.OperationalError) as exc:
                 self.store.report(exc)
                 await asyncio.sleep(delay)
@@ -270,14 +300,17 @@ class JobManager:
             self.store.report(None)
             return stored
 
-    def _store_shard(self, job_id: str, first_index: int, event: ShardDone) -> tuple[tuple[str, ...], int]:
+    def _store_shard(self, job_id: str, first_index: int, event: ShardDone, extension: str) -> tuple[tuple[str, ...], int]:
         """Files first, then one database transaction naming them (blocking: runs in a thread). On a
         fault the files written so far go again, so a retry leaves no orphan."""
-        image_ids: list[str] = []
+        names: list[str] = []
+        receipts = event.receipts or (None,) * len(event.images)
         try:
-            for png in event.images:
-                image_ids.append(self.store.save(png))
-            return tuple(image_ids), self.db.record_shard(job_id, first_index, image_ids, event.warnings)
+            stored = []
+            for offset, (data, receipt) in enumerate(zip(event.images, receipts, strict=True)):
+                names.append(self.store.save(data, extension))
+                stored.append(StoredImage(first_index + offset, names[-1], hashlib.sha256(data).hexdigest(), len(data), receipt))
+            return tuple(names), self.db.record_shard(job_id, first_index, stored, event.warnings)
         except BaseException:
-            self.store.remove_all(image_ids)
+            self.store.remove_all(names)
             raise

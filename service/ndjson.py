@@ -4,13 +4,15 @@ Lines: ``job`` first (id, total, seeds); one ``image`` line per image as soon as
 stored (index, seed, and base64 or url); a ``progress`` line every heartbeat interval (images
 done of total; tunnels cut silent connections, and a queue wait can be long); a ``summary`` last. Images come in the
 order they finish, which with several workers is not request order: ``index`` says where each
-belongs. The status is 200 from the start; a failure is told in the summary line.
+belongs. The status is 200 from the start; a failure is told in the summary line. A stream of a
+job that already has images (an idempotent retry) starts with a line for each of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +21,7 @@ from service.job_listening import base_url, follow
 from service.job_result import JobResult, image_value
 from service.jobs import JobEvent, LiveJob, ShardStored
 from service.connections import BodyWriter
-from service.keys import SETTINGS, STORE
+from service.keys import JOBS, SETTINGS, STORE
 from service.streaming import start_stream
 
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
@@ -48,16 +50,29 @@ async def stream_progress(
         {"type": "job", "job_id": job.job_id, "images_total": spec.total_images, "return_format": spec.return_format, "seeds": list(seeds)},
     )
 
+    sent: set[int] = set()
+
+    async def image_line(index: int, data: bytes | Path, name: str) -> None:
+        if index in sent:
+            return
+        sent.add(index)
+        value = await asyncio.to_thread(image_value, spec, data, name, links)
+        await write_line(writer, {"type": "image", "index": index, "seed": seeds[index], image_field: value.decode()})
+
+    store = request.app[STORE]
+    for image in await request.app[JOBS].stored_images(job.job_id):  # after listening: none is missed
+        path = store.path_for(image.name)
+        if path is not None:
+            await image_line(image.index, path, image.name)
+
     async def on_shard(stored: ShardStored) -> None:
-        for offset, (png, image_id) in enumerate(zip(stored.pngs, stored.image_ids, strict=True)):
-            index = stored.first_index + offset
-            value = await asyncio.to_thread(image_value, spec, png, image_id, links)
-            await write_line(writer, {"type": "image", "index": index, "seed": seeds[index], image_field: value.decode()})
+        for offset, (data, name) in enumerate(zip(stored.images, stored.image_ids, strict=True)):
+            await image_line(stored.first_index + offset, data, name)
 
     async def progress() -> None:
         await write_line(writer, {"type": "progress", "images_done": job.images_done, "images_total": spec.total_images})
 
     ended = await follow(request, listener, on_shard, progress, settings.heartbeat_interval)
-    await write_line(writer, JobResult.from_live(job, ended, {}, request.app[STORE]).summary_line())
+    await write_line(writer, JobResult.from_live(job, ended).summary_line())
     await writer.finish()
     return writer.response

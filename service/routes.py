@@ -8,20 +8,24 @@ import logging
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 
-from schemas.common import RootSchema, error_response
+from schemas.common import IDEMPOTENCY_CONFLICT_EXAMPLE, IDEMPOTENCY_PARAMETER, RootSchema, error_response
 from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema
 from schemas.health import HealthSchema
 from service import __version__
 from service.access_log import REQUEST_ID
-from service.admission import admit
+from contract.states import JobState
+from service.idempotency import REPLAYED_HEADER
 from service.auth import continue_if_allowed
+from contract.formats import CONTENT_TYPES, IMAGE_FORMATS
 from service.errors import json_error
+from service.image_store import content_type
 from service.job_listening import base_url, follow
 from service.job_result import JobResult
 from service.jobs import JobEvent, LiveJob, ShardStored
 from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.ndjson import NDJSON_CONTENT_TYPE, stream_progress, wants_ndjson
 from service.streaming import HeartbeatResponse
+from service.submission import submit
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,11 @@ async def root(request: web.Request) -> web.Response:
                 "health": "/health - GET - Health check",
                 "docs": "/docs - GET - API documentation",
                 "jobs": "/jobs - POST - Start a batch and return at once; /jobs/{id} - GET - progress and result, DELETE - cancel",
-                "images": "/images/{id}.png - GET - Images of return_format url requests",
+                "images": "/images/{id}.{png,webp,jpg} - GET - Images of return_format url requests (no key needed: the id is the capability)",
+                "archive": "/jobs/{id}/archive - GET - A job's images as one zip with a manifest; ?since=N for the rest",
             },
+            "sizes": list(request.app[SETTINGS].allowed_sizes()),
+            "formats": {name: {"default_quality": f.default_quality} for name, f in IMAGE_FORMATS.items()},
         }
     )
 
@@ -106,8 +113,11 @@ async def health(request: web.Request) -> web.Response:
         "connection open. JSON parsers skip the spaces. A failure after the spaces started is reported as "
         '`{"success": false, "detail": ...}` with status 200. '
         "With `Accept: application/x-ndjson` the answer is instead one JSON line per finished image as it finishes, "
-        "a progress line (images done of total) every heartbeat interval, and a summary line last (see ProgressLine)."
+        "a progress line (images done of total) every heartbeat interval, and a summary line last (see ProgressLine). "
+        "With an `Idempotency-Key`, a retry after a dropped connection follows the same job and answers as the first "
+        "request would have."
     ),
+    parameters=[IDEMPOTENCY_PARAMETER],
     responses={
         200: {
             "description": "The images, in request order (or `success: false` after heartbeats); NDJSON lines with `Accept: application/x-ndjson`",
@@ -129,6 +139,7 @@ async def health(request: web.Request) -> web.Response:
             "The request body is too large: Maximum request body size 1048576 exceeded.",
         ),
         409: error_response("The job was cancelled (DELETE /jobs/{id}) before heartbeats started", "The job was cancelled (DELETE /jobs/{id})."),
+        422: error_response("The Idempotency-Key was used for another body", IDEMPOTENCY_CONFLICT_EXAMPLE),
         500: error_response("Generation failed before heartbeats started", "Image generation failed: CUDA out of memory"),
         503: error_response(
             "Queue full, no worker ready, or shutting down (a job the shutdown interrupted resumes after the restart: "
@@ -139,15 +150,20 @@ async def health(request: web.Request) -> web.Response:
 )
 @request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST)
 async def generate(request: web.Request) -> web.StreamResponse:
-    admitted = admit(request, request["data"])
-    if isinstance(admitted, web.Response):
-        return admitted
-    spec, job_id = admitted, request[REQUEST_ID]
-    log.info("job %s: %d image(s), seed %d, %s", job_id, spec.total_images, spec.seed, spec.return_format)
-    log.debug("job %s prompts: %r", job_id, spec.prompts)
-    headers = {"X-Request-Id": job_id, "X-Job-Id": job_id}
     with request.app[LIFECYCLE].request():
-        job, listener = await request.app[JOBS].create(job_id, spec)
+        submitted = await submit(request, request["data"])
+        if isinstance(submitted, web.Response):
+            return submitted
+        job, listener = submitted.job, submitted.listener
+        spec, job_id = job.spec, job.job_id
+        if submitted.replayed:
+            log.info("job %s: the same Idempotency-Key again; answering from the job", job_id)
+        else:
+            log.info("job %s: %d image(s) %s %s, seed %d, %s", job_id, spec.total_images, spec.size, spec.image_format, spec.seed, spec.return_format)
+            log.debug("job %s prompts: %r", job_id, spec.prompts)
+        headers = {"X-Request-Id": request[REQUEST_ID], "X-Job-Id": job_id}
+        if submitted.replayed:
+            headers[REPLAYED_HEADER] = "true"
         try:
             if wants_ndjson(request):
                 return await stream_progress(request, job, listener, headers)
@@ -164,16 +180,15 @@ async def _answer_with_heartbeats(
 ) -> web.StreamResponse:
     """DESIGN section 2: the status line held back one interval, then a space every interval."""
     heartbeat = HeartbeatResponse(request, headers=headers)
-    # Only the ids: the images themselves are read back from their files as the body is written,
-    # so a slow client holds no image in this process's memory.
-    stored: dict[int, tuple[str, ...]] = {}
 
-    async def keep(shard: ShardStored) -> None:
-        stored[shard.first_index] = shard.image_ids
+    async def nothing(shard: ShardStored) -> None:
+        """The images are read back from their files as the body is written (the database names
+        them), so a slow client holds no image in this process's memory."""
 
     try:
-        ended = await follow(request, listener, keep, heartbeat.beat, request.app[SETTINGS].heartbeat_interval)
-        result = JobResult.from_live(job, ended, stored, request.app[STORE])
+        ended = await follow(request, listener, nothing, heartbeat.beat, request.app[SETTINGS].heartbeat_interval)
+        stored = await request.app[JOBS].stored_images(job.job_id) if ended.state == JobState.DONE else []
+        result = JobResult.from_live(job, ended, {image.index: image.name for image in stored}, request.app[STORE])
         if not result.done:
             log.warning("job %s %s: %s", job.job_id, "interrupted" if ended.interrupted else ended.state, result.failure_detail())
             if not heartbeat.started:
@@ -186,28 +201,39 @@ async def _answer_with_heartbeats(
             return heartbeat.writer.response
         raise
     if result.done:
-        log.info("job %s answered: %d image(s)", job.job_id, len(result.pngs))
+        log.info("job %s answered: %d image(s)", job.job_id, len(result.images))
     return writer.response
 
 
 @docs(
     tags=["generate"],
-    summary="An image of a return_format url request",
+    summary="An image of a job (the links of return_format url)",
+    security=[],
+    description=(
+        "No API key is needed, even on a keyed server: the name holds 128 random bits, which no one can guess, so "
+        "the link itself is the permission, and a link must open where no header can be sent (a browser's address "
+        "bar, a video editor's import). It works until the job expires (the retention time after it ended). "
+        "Treat links like the images themselves: whoever has one can open it."
+    ),
+    parameters=[{"in": "path", "name": "image_name", "required": True, "schema": {"type": "string"}, "description": "32 hex digits and the format's extension, e.g. 0123456789abcdef0123456789abcdef.webp"}],
     responses={
-        200: {"description": "The PNG image", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+        200: {
+            "description": "The image, in the format of its request",
+            "content": {ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in CONTENT_TYPES.values()},
+        },
         404: error_response("Unknown or expired image", "No such image: it never existed or has expired."),
     },
 )
 async def image(request: web.Request) -> web.StreamResponse:
-    path = request.app[STORE].path_for(request.match_info["image_id"])
+    path = request.app[STORE].path_for(request.match_info["image_name"])
     if path is None:
         return json_error(404, "No such image: it never existed or has expired.")
-    return web.FileResponse(path, headers={"Content-Type": "image/png", "Cache-Control": "private, max-age=86400"})
+    return web.FileResponse(path, headers={"Content-Type": content_type(path.name), "Cache-Control": "private, max-age=86400"})
 
 
 ROUTES = [
     web.get("/", root, allow_head=False),
     web.get("/health", health, allow_head=False),
     web.post("/generate", generate, expect_handler=continue_if_allowed),
-    web.get("/images/{image_id}.png", image, allow_head=False),
+    web.get("/images/{image_name}", image, allow_head=False),
 ]

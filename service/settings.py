@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.formats import DEFAULT_ALLOWED_SIZES, DEFAULT_SIZE, parse_size
 from gpu_workers.flag_settings import build_parser as build_settings_parser
 from gpu_workers.flag_settings import flag, parse, setting
 from gpu_workers.shard_rules import DEFAULT_SHARD_TIMEOUT
@@ -37,6 +38,7 @@ class Settings:
     )
     max_images: int = setting(150, "most images per request (prompts x num_images_per_prompt)")
     max_prompt_chars: int = setting(2000, "longest prompt, in characters")
+    sizes: str = setting(",".join(DEFAULT_ALLOWED_SIZES), "comma-separated WIDTHxHEIGHT sizes a request may ask for; must hold 1024x576, the default")
     max_queued_images: int = setting(600, "most images accepted and not finished; beyond it requests get 503")
     grace_period: float = setting(60.0, "seconds in-flight requests get to finish after SIGTERM")
     heartbeat_interval: float = setting(10.0, "seconds between heartbeat spaces while a request runs")
@@ -83,6 +85,9 @@ class Settings:
                     keys.append(line)
         return tuple(keys)
 
+    def allowed_sizes(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(size.strip() for size in self.sizes.split(",") if size.strip()))
+
     def allowed_origins(self) -> tuple[str, ...]:
         return tuple(origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip())
 
@@ -124,6 +129,13 @@ def validate(settings: Settings) -> list[str]:
     for name in ("shard_timeout", "keepalive_timeout", "body_timeout", "write_timeout"):
         if getattr(settings, name) <= 0:
             problems.append(f"{flag(name)} must be positive")
+    for size in settings.allowed_sizes():
+        try:
+            parse_size(size)
+        except ValueError as exc:
+            problems.append(f"--sizes: {exc}")
+    if DEFAULT_SIZE not in settings.allowed_sizes():
+        problems.append(f"--sizes must hold {DEFAULT_SIZE}, the size of a request that names none")
     if settings.heartbeat_interval <= 0:
         problems.append("--heartbeat-interval must be positive")
     try:

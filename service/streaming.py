@@ -42,10 +42,16 @@ class HeartbeatResponse:
         return self.writer
 
 
-async def start_stream(request: web.Request, headers: dict[str, str], content_type: str = JSON_CONTENT_TYPE) -> BodyWriter:
-    """A 200 with a chunked body, written with the server's write timeout."""
+async def start_stream(
+    request: web.Request, headers: dict[str, str], content_type: str = JSON_CONTENT_TYPE, content_length: int | None = None
+) -> BodyWriter:
+    """A 200 with a chunked body (or of ``content_length`` bytes, when known up front, so that a
+    client can tell a cut-off body from a whole one), written with the server's write timeout."""
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = content_type
-    response.enable_chunked_encoding()
+    if content_length is None:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = content_length
     await response.prepare(request)
     return BodyWriter(request, response, request.app[SETTINGS].write_timeout)

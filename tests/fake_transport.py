@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from contract.formats import quality_for
 from contract.states import WorkerState
+from gpu_workers.encoding import encode
+from gpu_workers.receipts import WorkerFacts, receipt, receipt_text
 from gpu_workers.messages import ShardDone, ShardFailed, ShardTask
 from gpu_workers.scheduler import EngineConfig, Scheduler, TransportEvents, WorkerStatus
 
@@ -28,16 +31,33 @@ LOSE = "LOSE"
 SLOW = "SLOW"
 
 
-def fake_png(seed: int, size: int = 8) -> bytes:
-    """A ``size`` x ``size`` PNG: one colour from the seed, or (larger) noise from the seed, which
-    does not compress: about 1 MB at 600 x 600, for tests that fill a disk."""
-    buffer = io.BytesIO()
+def fake_picture(seed: int, size: int = 8) -> Image.Image:
+    """``size`` x ``size``: one colour from the seed, or (larger) noise from the seed, which does not
+    compress: about 1 MB at 600 x 600 as PNG, for tests that fill a disk."""
     if size <= 8:
-        image = Image.new("RGB", (size, size), (seed % 256, (seed // 256) % 256, 99))
-    else:
-        image = Image.frombytes("RGB", (size, size), random.Random(seed).randbytes(size * size * 3))
-    image.save(buffer, format="PNG", compress_level=1)
+        return Image.new("RGB", (size, size), (seed % 256, (seed // 256) % 256, 99))
+    return Image.frombytes("RGB", (size, size), random.Random(seed).randbytes(size * size * 3))
+
+
+def fake_png(seed: int, size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    fake_picture(seed, size).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def fake_images(shard: ShardTask, size: int) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """A PNG shard as plain fake PNGs (the bytes older tests compare); another format through the
+    real encode stage, receipts inside (``gpu_workers.encoding``), at the task's size."""
+    if shard.image_format == "png":
+        return tuple(fake_png(seed, size) for seed in shard.seeds), ()
+    facts = WorkerFacts.unknown("fake")
+    quality = quality_for(shard.image_format, shard.quality)
+    fields = [receipt(shard, offset, facts, quality) for offset in range(shard.size)]
+    images = tuple(
+        encode(fake_picture(seed).resize((shard.width, shard.height)), shard.image_format, quality, fields[offset])
+        for offset, seed in enumerate(shard.seeds)
+    )
+    return images, tuple(receipt_text(f) for f in fields)
 
 
 @dataclass
@@ -84,8 +104,8 @@ class FakeTransport:
         elif any(LOSE in prompt for prompt in shard.prompts):
             self._events.transport_lost("broker: the connection to Redis was lost (a test)")
         else:
-            pngs = tuple(fake_png(seed, self.png_size) for seed in shard.seeds)
-            self._events.shard_done(ShardDone(0, shard.request_id, shard.shard_id, pngs, (), self.seconds_per_shard))
+            images, receipts = fake_images(shard, self.png_size)
+            self._events.shard_done(ShardDone(0, shard.request_id, shard.shard_id, images, (), self.seconds_per_shard, receipts))
 
 
 def fake_engine(transport: FakeTransport, max_batch: int = 2) -> Scheduler:

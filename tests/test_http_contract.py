@@ -10,6 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
+from gpu_workers.encoding import read_receipt
 from tests.server_process import ServerProcess
 
 PROMPT = "baroque oil painting, dramatic chiaroscuro lighting, a weathered stone tablet"
@@ -56,17 +57,18 @@ def test_docs_page_and_spec(server: ServerProcess) -> None:
     assert "swagger" in page.text.lower()
     spec = requests.get(server.url + "/openapi.json", timeout=10).json()
     assert spec["openapi"].startswith("3.")
-    assert {"/", "/health", "/generate", "/images/{image_id}.png"} <= set(spec["paths"])
+    assert {"/", "/health", "/generate", "/images/{image_name}", "/jobs", "/jobs/{job_id}/archive"} <= set(spec["paths"])
     generate_op = spec["paths"]["/generate"]["post"]
     assert {"200", "400", "500", "503"} <= set(generate_op["responses"])
     ok = generate_op["responses"]["200"]["content"]["application/json"]["schema"]
     assert ok == {"$ref": "#/components/schemas/GenerateResponse"}
     health_op = spec["paths"]["/health"]["get"]["responses"]
     assert health_op["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Health"}
-    image_op = spec["paths"]["/images/{image_id}.png"]["get"]["responses"]
-    assert "image/png" in image_op["200"]["content"]
+    image_op = spec["paths"]["/images/{image_name}"]["get"]["responses"]
+    assert {"image/png", "image/webp", "image/jpeg"} <= set(image_op["200"]["content"])
     request_schema = spec["components"]["schemas"]["GenerateRequest"]
-    assert {"prompts", "num_images_per_prompt", "return_format", "seed", "negative_prompt"} <= set(request_schema["properties"])
+    assert {"prompts", "num_images_per_prompt", "return_format", "seed", "negative_prompt", "format", "quality", "size"} <= set(request_schema["properties"])
+    assert any(p["name"] == "Idempotency-Key" for p in generate_op["parameters"]) and "422" in generate_op["responses"]
 
 
 def test_base64_images_decode_to_1024x576_pngs_in_order(server: ServerProcess) -> None:
@@ -97,6 +99,27 @@ def test_url_images_match_base64_bytes_in_the_same_order(server: ServerProcess) 
         fetched.append(image.content)
     assert [png_size(image) for image in fetched] == [(1024, 576)] * 4
     assert fetched == [base64.b64decode(image) for image in inline["images"]]
+
+
+@pytest.mark.parametrize(("image_format", "size"), [("png", "576x1024"), ("webp", "1024x1024"), ("jpeg", "1024x576")])
+def test_real_workers_write_each_format_with_its_receipt(server: ServerProcess, image_format: str, size: str) -> None:
+    """Every format from a real worker, at a size each (all nine pairs: tests/test_delivery.py),
+    with the receipt Pillow reads: what made the image, down to the weights and the versions."""
+    import torch
+
+    request = {"prompts": ["a red kite over the dunes"], "seed": 4242, "format": image_format, "size": size, "return_format": "url"}
+    [url] = generate(server, request).json()["images"]
+    data = requests.get(url, timeout=10).content
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == image_format.upper() and f"{image.width}x{image.height}" == size
+    receipt = read_receipt(data)
+    assert receipt is not None
+    assert (receipt["prompt"], receipt["seed"], receipt["steps"], receipt["guidance_scale"]) == ("a red kite over the dunes", 4242, 8, 0.0)
+    assert (receipt["model"], receipt["device_name"], receipt["torch_version"]) == ("tiny", "cpu", torch.__version__)
+    assert receipt["model_fingerprint"].startswith("sha256:") and receipt["diffusers_version"]
+    if image_format == "webp":
+        again = requests.get(generate(server, request).json()["images"][0], timeout=10).content
+        assert again == data, "same seed, same format, same quality: same bytes"
 
 
 def test_images_come_in_prompt_major_order_with_seed_plus_index(server: ServerProcess) -> None:

@@ -282,7 +282,7 @@ def test_job_database_path_is_a_setting(tmp_path: Path) -> None:
 def test_jobs_and_ndjson_are_in_the_openapi_spec(jobs_server: ServerProcess) -> None:
     spec = requests.get(jobs_server.url + "/openapi.json", timeout=10).json()
     paths = spec["paths"]
-    assert set(paths["/jobs"]) == {"post"} and {"get", "delete"} <= set(paths["/jobs/{job_id}"])
+    assert set(paths["/jobs"]) == {"get", "post"} and {"get", "delete"} <= set(paths["/jobs/{job_id}"])
     assert set(paths["/jobs"]["post"]["responses"]) >= {"202", "400", "503"}
     assert set(paths["/jobs/{job_id}"]["get"]["responses"]) >= {"200", "404", "410"}
     assert "409" in paths["/jobs/{job_id}"]["delete"]["responses"]

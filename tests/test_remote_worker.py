@@ -185,6 +185,7 @@ def test_shard_result_matches_in_process_generation(api: redis.Redis, worker: Wo
 
     from gpu_workers.generation import generate_shard
     from gpu_workers.loading import load_pipeline
+    from gpu_workers.receipts import worker_facts
 
     task = _task(("a lighthouse at dusk", "a red fox in snow"), (11, 12))
     reply_to = KEYS.results("test-a")
@@ -193,7 +194,8 @@ def test_shard_result_matches_in_process_generation(api: redis.Redis, worker: Wo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the worker's --cpu-threads: the thread count changes the bytes
     try:
-        expected = generate_shard(load_pipeline(MODEL, "cpu", model_cache), task)
+        facts = worker_facts(MODEL, model_cache, "cpu")
+        expected = generate_shard(load_pipeline(MODEL, "cpu", model_cache), task, facts)
     finally:
         torch.set_num_threads(threads)
 

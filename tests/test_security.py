@@ -41,7 +41,7 @@ def post(server: ServerProcess, body: object, headers: dict[str, str] | None = N
 # ----- API key ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/", "/images/" + "a" * 32 + ".png"])
+@pytest.mark.parametrize("path", ["/", "/jobs/" + "a" * 32, "/jobs/" + "a" * 32 + "/archive"])
 def test_routes_need_a_key(secured: ServerProcess, path: str) -> None:
     response = requests.get(secured.url + path, timeout=10)
     assert response.status_code == 401

@@ -91,7 +91,7 @@ async def test_expiry_never_removes_the_images_of_an_unfinished_job(aiohttp_clie
     store = ImageStore(tmp_path / "images", retention_seconds=2)
     job_id = secrets.token_hex(16)
     db.create(job_id, BatchSpec(("a", "b"), 1, 1, None, 0.0, "url", shard_size=1))
-    first = store.save(b"\x89PNG made before the outage")
+    first = store.save(b"\x89PNG made before the outage", "png")
     db.record_shard(job_id, 0, [first], [])
     db.close()
     path = store.path_for(first)

@@ -14,7 +14,7 @@ from contract.batch import BatchSpec
 from gpu_workers.sharding import split_into_shards
 from schemas.generate import GenerateRequestSchema
 from service.errors import describe_validation_error
-from service.image_store import ImageStore
+from service.image_store import ImageStore, content_type
 from service.settings import load_settings
 
 
@@ -81,11 +81,18 @@ def test_validation_errors_become_one_sentence_and_flat_fields() -> None:
 
 def test_image_store_round_trip_and_path_safety(tmp_path: Path) -> None:
     store = ImageStore(tmp_path / "images", retention_seconds=60)
-    image_id = store.save(b"\x89PNG fake")
-    assert len(image_id) == 32
+    image_id = store.save(b"\x89PNG fake", "png")
+    assert len(image_id) == 36 and image_id.endswith(".png")
     assert store.path_for(image_id).read_bytes() == b"\x89PNG fake"
-    for hostile in ("../" + image_id, "/etc/passwd", image_id.upper(), image_id + "/..", "%2e%2e"):
+    assert store.path_for(image_id[:32]) == store.path_for(image_id), "a bare id (rows from before formats) is a PNG"
+    webp = store.save(b"RIFF fake", "webp")
+    assert store.path_for(webp).name == webp and content_type(webp) == "image/webp"
+    assert store.path_for(webp[:32] + ".png") is None, "the extension is part of the name"
+    with pytest.raises(ValueError):
+        store.save(b"x", "exe")
+    for hostile in ("../" + image_id, "/etc/passwd", image_id.upper(), image_id + "/..", "%2e%2e", image_id[:32] + ".gif", image_id + ".png"):
         assert store.path_for(hostile) is None
+    store.remove_all([webp])
     old = time.time() - 120
     os.utime(store.path_for(image_id), (old, old))  # a file's age does not matter: its job's does
     assert store.sweep({image_id}) == 0 and store.path_for(image_id) is not None

@@ -1,0 +1,65 @@
+"""How a valid body of ``POST /generate`` or ``POST /jobs`` becomes a job to follow: a new one, or
+(with an ``Idempotency-Key`` seen before) the job that key made, never a second run."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from service.access_log import REQUEST_ID
+from service.admission import admit
+from service.auth import owner_of
+from service.idempotency import conflict, idempotency_of
+from service.job_db import Idempotency, IdempotencyKeyTaken
+from service.jobs import JobEvent, JobManager, LiveJob
+from service.keys import JOBS
+
+
+@dataclass
+class Submitted:
+    job: LiveJob
+    listener: asyncio.Queue[JobEvent]
+    # True: an earlier request with the same key made this job (Idempotent-Replayed: true).
+    replayed: bool
+
+
+async def submit(request: web.Request, data: dict[str, Any]) -> Submitted | web.Response:
+    """The job of this request, or the response that refuses it (400, 422, 503, 507, ...). A
+    retry is answered before admission: it adds no work, so it is served while the queue is full."""
+    idempotency = idempotency_of(request, data)
+    if isinstance(idempotency, web.Response):
+        return idempotency
+    jobs = request.app[JOBS]
+    owner = owner_of(request)
+    if idempotency is not None:
+        earlier = await _earlier(jobs, owner, idempotency)
+        if earlier is not None:
+            return earlier
+    admitted = admit(request, data)
+    if isinstance(admitted, web.Response):
+        return admitted
+    try:
+        job, listener = await jobs.create(request[REQUEST_ID], admitted, owner, idempotency)
+    except IdempotencyKeyTaken:  # the same key, sent twice at once: the other one won
+        assert idempotency is not None
+        earlier = await _earlier(jobs, owner, idempotency)
+        if earlier is None:
+            raise
+        return earlier
+    return Submitted(job, listener, replayed=False)
+
+
+async def _earlier(jobs: JobManager, owner: str, idempotency: Idempotency) -> Submitted | web.Response | None:
+    found = await asyncio.to_thread(jobs.db.by_idempotency_key, owner, idempotency.key)
+    if found is None:
+        return None
+    record, request_hash = found
+    if request_hash != idempotency.request_hash:
+        return conflict(record, idempotency.key)
+    attached = await jobs.attach(record.job_id)
+    if attached is None:  # expired in between: the key went with it
+        return None
+    return Submitted(*attached, replayed=True)

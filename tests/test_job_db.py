@@ -61,3 +61,32 @@ def test_expired_jobs_go_with_their_image_rows_and_wal_is_on(tmp_path: Path) -> 
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as raw:
         assert raw.execute("SELECT COUNT(*) FROM job_images").fetchone()[0] == 0
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_database_from_before_formats_opens_and_reads_the_same(tmp_path: Path) -> None:
+    """A database written by the release before formats, receipts and idempotency keys: opening it
+    adds the columns, its rows read as PNG jobs of the default size, its bare image ids stay valid."""
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        """
+        CREATE TABLE jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, spec TEXT NOT NULL, images_total INTEGER NOT NULL,
+            images_done INTEGER NOT NULL DEFAULT 0, detail TEXT, warnings TEXT NOT NULL DEFAULT '[]',
+            created_at REAL NOT NULL, updated_at REAL NOT NULL, finished_at REAL);
+        CREATE TABLE job_images (job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE, idx INTEGER NOT NULL,
+            image_id TEXT NOT NULL, PRIMARY KEY (job_id, idx));
+        """
+    )
+    old_spec = '{"prompts": ["a"], "num_images_per_prompt": 1, "seed": 1, "negative_prompt": null, "guidance_scale": 0.0, "return_format": "url", "shard_size": 4, "steps": 8}'
+    old.execute("INSERT INTO jobs VALUES ('old', 'done', ?, 1, 1, NULL, '[]', 1.0, 2.0, 2.0)", (old_spec,))
+    old.execute("INSERT INTO job_images VALUES ('old', 0, ?)", ("a" * 32,))
+    old.commit()
+    old.close()
+    db = JobDatabase(path)
+    record = db.get("old")
+    assert record is not None and (record.spec.image_format, record.spec.size, record.spec.quality) == ("png", "1024x576", None)
+    [image] = db.stored_images("old")
+    assert (image.index, image.name, image.sha256, image.receipt) == (0, "a" * 32, None, None)
+    assert [job.job_id for job in db.list_jobs("", 10)] == ["old"]
+    db.close()
+    JobDatabase(path).close()  # opening it again changes nothing

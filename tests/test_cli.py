@@ -21,8 +21,9 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 
-from client.cli import Job, image_name, main
+from client.cli import Plan, main
 from client.png_text import add_text
+from client.storyboard import Shot, image_name
 from tests.server_process import ServerProcess, free_port
 from tests.tcp_proxy import CuttableProxy
 
@@ -66,7 +67,7 @@ def test_text_chunks_are_added_and_the_image_bytes_kept() -> None:
 
 
 def test_long_files_are_split_into_requests_whose_seeds_continue() -> None:
-    job = Job(tuple(f"p{i}" for i in range(5)), 2, 2**32 - 3, None, None, max_images_per_request=4)
+    job = Plan(tuple(Shot(f"p{i}") for i in range(5)), 2, 2**32 - 3, None, None, max_images_per_request=4)
     chunks = job.chunks()
     assert [(c.first_index, c.prompts, c.seed) for c in chunks] == [
         (0, ("p0", "p1"), 2**32 - 3),
@@ -92,7 +93,10 @@ def test_three_prompts_give_three_named_pngs_with_prompt_and_seed(server: Server
     names = ["000_100.png", "001_101.png", "002_102.png"]
     assert sorted(path.name for path in out.iterdir()) == names
     for name, prompt, seed in zip(names, PROMPTS, (100, 101, 102), strict=True):
-        assert _png_text(out / name) == ((1024, 576), {"prompt": prompt, "seed": str(seed)})
+        size, texts = _png_text(out / name)
+        receipt = json.loads(texts["sdxl-receipt"])
+        assert (size, receipt["prompt"], receipt["seed"]) == ((1024, 576), prompt, seed)
+        assert "prompt" not in texts, "the server's receipt is in the image: the client adds no text chunks of its own"
     assert result.stdout.split() == [str(out / name) for name in names]
     assert "3/3" in result.stderr, "the progress bar reaches the end"
     assert "saved 3 image(s)" in result.stderr

@@ -36,6 +36,9 @@ class JobStatusSchema(Schema):
     return_format = fields.Str(metadata={"example": "base64"})
     format = fields.Str(metadata={"description": "The image format: png, webp or jpeg.", "example": "webp"})
     size = fields.Str(metadata={"description": "WIDTHxHEIGHT of the job's images.", "example": "1024x576"})
+    quality = fields.Int(allow_none=True, metadata={"description": "The quality asked for (null: the format's default).", "example": None})
+    num_images_per_prompt = fields.Int(metadata={"example": 1})
+    prompts = fields.List(fields.Str(), metadata={"description": "The request's prompts (not in GET /jobs, the list).", "example": ["a castle at dawn"]})
     finished_images = fields.List(
         fields.Dict(),
         metadata={

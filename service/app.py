@@ -30,6 +30,7 @@ from service.keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.lifecycle import Lifecycle
 from service.routes import ROUTES
 from service.settings import Settings
+from service.ui import UI_ROUTES, page_file_headers
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def create_app(settings: Settings, pool: Any) -> web.Application:
     app[LIFECYCLE] = Lifecycle()
     app.add_routes(ROUTES)
     app.add_routes(JOB_ROUTES)
+    app.add_routes(UI_ROUTES)
+    app.on_response_prepare.append(page_file_headers)
     app.cleanup_ctx.append(_run_pool)
     app.cleanup_ctx.append(_run_jobs)
     app.cleanup_ctx.append(_evict_expired)
@@ -139,7 +142,8 @@ def _allow_origins(app: web.Application, origins: tuple[str, ...]) -> None:
     if not origins:
         return
     options = aiohttp_cors.ResourceOptions(
-        allow_credentials=False, expose_headers=("X-Request-Id", "X-Job-Id", "Location", "Retry-After"), allow_headers=("Content-Type", "Authorization", "X-API-Key")
+        allow_credentials=False, expose_headers=("X-Request-Id", "X-Job-Id", "Location", "Retry-After", "Idempotent-Replayed", "Content-Disposition", "X-Job-State", "X-Images-Done"),
+        allow_headers=("Content-Type", "Authorization", "X-API-Key", "Idempotency-Key"),
     )
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):

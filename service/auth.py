@@ -16,10 +16,11 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 from service.errors import json_error
 from service.keys import API_KEYS, SETTINGS
 
-# Routes a monitor or a person needs without a key: health checks and the documentation page; and
-# the images, whose 128-bit names are their own capability (``routes.image`` says why).
-OPEN_PATHS = ("/health", "/docs", "/openapi.json")
-OPEN_PREFIXES = ("/static/swagger/", "/docs/", "/images/")
+# Routes a monitor or a person needs without a key: health checks, the documentation page and the
+# page of /ui (which asks for the key itself); and the images, whose 128-bit names are their own
+# capability (``routes.image`` says why).
+OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/ui")
+OPEN_PREFIXES = ("/static/swagger/", "/docs/", "/images/", "/ui/static/")
 
 
 def _is_open(request: web.Request) -> bool:

@@ -108,7 +108,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     retention = request.app[SETTINGS].image_retention
     page = records[:limit]
     following = f"/jobs?limit={limit}&before={page[-1].job_id}" if len(records) > limit else None
-    return web.json_response({"jobs": [_status(record, retention) for record in page], "next": following})
+    return web.json_response({"jobs": [_status(record, retention, prompts=False) for record in page], "next": following})
 
 
 @docs(
@@ -234,7 +234,9 @@ async def job_archive(request: web.Request) -> web.StreamResponse:
     return writer.response
 
 
-def _status(record: JobRecord, retention: float) -> dict[str, Any]:
+def _status(record: JobRecord, retention: float, prompts: bool = True) -> dict[str, Any]:
+    """A job's state as GET /jobs/{id} says it; ``prompts`` False for the list (up to 100 jobs of up
+    to 150 prompts of 2,000 characters would be a page of 30 MB)."""
     status: dict[str, Any] = {
         "job_id": record.job_id,
         "state": record.state,
@@ -242,13 +244,17 @@ def _status(record: JobRecord, retention: float) -> dict[str, Any]:
         "images_total": record.images_total,
         "return_format": record.spec.return_format,
         "format": record.spec.image_format,
+        "quality": record.spec.quality,
         "size": record.spec.size,
+        "num_images_per_prompt": record.spec.num_images_per_prompt,
         "created_at": record.created_at,
         "finished_at": record.finished_at,
         "expires_at": None if record.finished_at is None else record.finished_at + retention,
         "warnings": list(record.warnings),
         "seeds": list(record.spec.seeds),
     }
+    if prompts:
+        status["prompts"] = list(record.spec.prompts)
     if record.detail:
         status["detail"] = record.detail
     return status

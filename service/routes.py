@@ -42,6 +42,7 @@ async def root(request: web.Request) -> web.Response:
                 "generate": "/generate - POST - Generate images from prompts",
                 "health": "/health - GET - Health check",
                 "docs": "/docs - GET - API documentation",
+                "ui": "/ui - GET - A page to paste prompts, watch the images arrive and download the batch",
                 "jobs": "/jobs - POST - Start a batch and return at once; /jobs/{id} - GET - progress and result, DELETE - cancel",
                 "images": "/images/{id}.{png,webp,jpg} - GET - Images of return_format url requests (no key needed: the id is the capability)",
                 "archive": "/jobs/{id}/archive - GET - A job's images as one zip with a manifest; ?since=N for the rest",

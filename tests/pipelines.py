@@ -90,3 +90,23 @@ def crashing_tiny(device: str, model_cache: Path) -> CrashOnMarker:
 
 def small_gpu_tiny(device: str, model_cache: Path) -> OutOfMemoryAboveOne:
     return OutOfMemoryAboveOne(load_pipeline("tiny", device, model_cache))
+
+
+PACE_SECONDS = 1.0
+
+
+class Paced:
+    """Every shard takes a second longer, so that a browser test sees images arrive one by one and
+    has time to reload the page in the middle of a job."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self.tokenizer = pipe.tokenizer
+
+    def __call__(self, prompt: list[str], **kwargs: Any) -> Any:
+        time.sleep(PACE_SECONDS)
+        return self._pipe(prompt=prompt, **kwargs)
+
+
+def paced_tiny(device: str, model_cache: Path) -> Paced:
+    return Paced(load_pipeline("tiny", device, model_cache))

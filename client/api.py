@@ -19,11 +19,12 @@ import json
 import re
 import time
 from base64 import b64decode
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import requests
+import urllib3
 
 from client import archive
 
@@ -247,7 +248,7 @@ class GenerateClient:
             listed: dict[str, dict[str, Any]] = {}
             manifest_read = False
             try:
-                for name, data in archive.entries(response.iter_content(READ_CHUNK_BYTES), lambda name: _int(listed.get(name, {}).get("bytes"))):
+                for name, data in archive.entries(_arriving(response), lambda name: _int(listed.get(name, {}).get("bytes"))):
                     if not manifest_read:
                         if name != MANIFEST_NAME:
                             raise archive.ArchiveError(f"its first entry is {name}, not {MANIFEST_NAME}")
@@ -261,10 +262,10 @@ class GenerateClient:
                         raise archive.ArchiveError(f"{name} does not match the sha256 of the manifest")
                     on_image(JobImage(int(item["index"]), int(item["seed"]), item.get("prompt"), data))
                     have.add(int(item["index"]))
-            except requests.RequestException as exc:
-                raise requests.ConnectionError(f"the archive broke off ({_reason(exc)})") from None
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise requests.ConnectionError(f"the archive broke off: {_reason(exc)}") from None
             except archive.Truncated as exc:
-                raise requests.ConnectionError(f"the archive broke off ({exc})") from None
+                raise requests.ConnectionError(f"the archive broke off: {exc}") from None
             except (archive.ArchiveError, ValueError, KeyError, TypeError) as exc:
                 raise ClientError(f"the archive of job {job_id} from {self.base_url} is unreadable: {exc}") from None
         return True
@@ -399,6 +400,17 @@ class _Reattach:
             self.lost_since, self.attempt, self.resumed = None, 0, True
 
 
+def _arriving(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives, each piece as soon as the socket has it. ``iter_content`` waits
+    for whole chunks of its size and drops the last, partial one when the connection breaks:
+    the end of an image that did arrive."""
+    if not hasattr(response.raw, "read1"):  # urllib3 1.x
+        yield from response.iter_content(READ_CHUNK_BYTES)
+        return
+    while data := response.raw.read1(READ_CHUNK_BYTES, decode_content=True):
+        yield data
+
+
 def _key_header(key: str | None) -> dict[str, str] | None:
     return {IDEMPOTENCY_HEADER: key} if key else None
 
@@ -423,4 +435,9 @@ def _reason(exc: BaseException) -> str:
     errno_text = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
     if errno_text:
         return errno_text.group(1).strip()
+    cut = re.search(r"IncompleteRead\((\d+) bytes read, (\d+) more expected\)", text)
+    if cut:
+        return f"cut off after {cut.group(1)} bytes, {cut.group(2)} more expected"
+    if "RemoteDisconnected" in text:
+        return "the server closed the connection without an answer"
     return text if len(text) <= 160 else text[:157] + "..."

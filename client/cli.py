@@ -362,9 +362,12 @@ def run(plan: Plan, client: GenerateClient, out_dir: Path, quiet: bool, progress
     if job_id is not None:
         status = _job_status(client, job_id)
         chunk = plan.chunk_of_job(status.get("seeds") or [])
+        prompts = status.get("prompts")  # the prompts of the job (not given by older servers)
+        if chunk is not None and isinstance(prompts, list) and tuple(prompts) != chunk.prompts:
+            chunk = None
         if chunk is None:
             raise ClientError(
-                f"job {job_id} is not one of the requests of this prompts file (its seeds differ): give the --seed, -n and "
+                f"job {job_id} is not one of the requests of this prompts file (its seeds or prompts differ): give the --seed, -n and "
                 "--max-images-per-request of the run that started it, or --job alone to fetch it under its own names",
                 exit_code=2,
             )

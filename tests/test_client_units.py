@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import struct
 import zipfile
 import zlib
@@ -291,3 +292,65 @@ def test_the_receipt_is_found_in_every_format(kind: str, name: str) -> None:
     assert has_receipt(_image(kind, {"prompt": "a", "seed": 1}))
     assert not has_receipt(_image(kind, None))
     assert not has_receipt(b"not an image") and image_format(b"GIF89a") is None
+
+
+# ----- a scripted server of ours from before archives ---------------------------------------------
+
+
+def test_a_server_without_archives_gets_the_done_jobs_links(tmp_path: Path) -> None:
+    """POST /jobs carries the Idempotency-Key and the format options; a server with jobs but no
+    GET /jobs/{id}/archive (404) still works: the images come from the done job's links, fetched
+    from the URL the client knows (not the host in the links), and get the client's text chunks
+    since they carry no receipt."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    png = _image("PNG", None)
+    seen: dict[str, list] = {"posts": [], "gets": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen["posts"].append((self.path, self.headers.get("Idempotency-Key"), body))
+            self._send(202, json.dumps({"job_id": "j1", "state": "queued", "images_total": 2, "seeds": [5, 6]}).encode())
+
+        def do_GET(self) -> None:
+            seen["gets"].append(self.path)
+            if self.path == "/jobs/j1":
+                polls = seen["gets"].count("/jobs/j1")
+                status = {"job_id": "j1", "state": "running" if polls == 1 else "done", "images_done": polls, "images_total": 2, "seeds": [5, 6]}
+                if polls > 1:
+                    status["images"] = ["http://elsewhere.invalid/images/a.png", "http://elsewhere.invalid/images/b.png"]
+                self._send(200, json.dumps(status).encode())
+            elif self.path.startswith("/images/"):
+                self._send(200, png, "image/png")
+            else:
+                self._send(404, b'{"detail": "Not found."}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        (tmp_path / "p.txt").write_text("one prompt\n")
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        arguments = [str(tmp_path / "p.txt"), "-o", str(tmp_path / "out"), "--url", url, "--seed", "5", "-n", "2", "--format", "webp", "--quality", "70", "-q"]
+        assert main(arguments) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    [(path, key, body)] = seen["posts"]
+    assert path == "/jobs" and re.fullmatch(r"sdxl-client-[0-9a-f]{24}-0", key)
+    assert body == {"prompts": ["one prompt"], "num_images_per_prompt": 2, "seed": 5, "return_format": "url", "format": "webp", "quality": 70}
+    assert "/jobs/j1/archive?since=0" in seen["gets"] and seen["gets"][-2:] == ["/images/a.png", "/images/b.png"]
+    for name, seed in (("000_5.png", "5"), ("001_6.png", "6")):
+        with Image.open(tmp_path / "out" / name) as image:
+            assert image.text == {"prompt": "one prompt", "seed": seed}

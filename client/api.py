@@ -245,30 +245,46 @@ class GenerateClient:
                 if answer.status in LOST_STATUSES:
                     raise _Lost(f"HTTP {answer.status}: {answer.detail()}")
                 raise ClientError(f"the archive of job {job_id} was refused (HTTP {answer.status}): {answer.detail()}")
-            listed: dict[str, dict[str, Any]] = {}
-            manifest_read = False
-            try:
-                for name, data in archive.entries(_arriving(response), lambda name: _int(listed.get(name, {}).get("bytes"))):
-                    if not manifest_read:
-                        if name != MANIFEST_NAME:
-                            raise archive.ArchiveError(f"its first entry is {name}, not {MANIFEST_NAME}")
-                        listed = {item["file"]: item for item in json.loads(data)["images"]}
-                        manifest_read = True
-                        continue
-                    item = listed.get(name)
-                    if item is None or item["index"] in have:
-                        continue
-                    if hashlib.sha256(data).hexdigest() != item["sha256"]:
-                        raise archive.ArchiveError(f"{name} does not match the sha256 of the manifest")
-                    on_image(JobImage(int(item["index"]), int(item["seed"]), item.get("prompt"), data))
-                    have.add(int(item["index"]))
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise requests.ConnectionError(f"the archive broke off: {_reason(exc)}") from None
-            except archive.Truncated as exc:
-                raise requests.ConnectionError(f"the archive broke off: {exc}") from None
-            except (archive.ArchiveError, ValueError, KeyError, TypeError) as exc:
-                raise ClientError(f"the archive of job {job_id} from {self.base_url} is unreadable: {exc}") from None
+            listed: dict[str, dict[str, Any]] | None = None
+            entries = archive.entries(_arriving(response), lambda name: _int((listed or {}).get(name, {}).get("bytes")))
+            while (entry := self._next_entry(job_id, entries)) is not None:
+                name, data = entry
+                if listed is None:
+                    listed = self._manifest(job_id, name, data)
+                    continue
+                item = listed.get(name)
+                if item is None or item["index"] in have:
+                    continue
+                if hashlib.sha256(data).hexdigest() != item["sha256"]:
+                    raise ClientError(f"the archive of job {job_id} is damaged: {name} does not match the sha256 of its manifest")
+                on_image(JobImage(item["index"], item["seed"], item.get("prompt"), data))
+                have.add(item["index"])
         return True
+
+    def _next_entry(self, job_id: str, entries: Iterator[tuple[str, bytes]]) -> tuple[str, bytes] | None:
+        """The archive's next entry as it arrives, None after the last; a connection that breaks
+        is a ``requests.ConnectionError`` (the caller reattaches), a damaged zip a ``ClientError``."""
+        try:
+            return next(entries, None)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise requests.ConnectionError(f"the archive broke off: {_reason(exc)}") from None
+        except archive.Truncated as exc:
+            raise requests.ConnectionError(f"the archive broke off: {exc}") from None
+        except archive.ArchiveError as exc:
+            raise ClientError(f"the archive of job {job_id} from {self.base_url} is unreadable: {exc}") from None
+
+    def _manifest(self, job_id: str, name: str, data: bytes) -> dict[str, dict[str, Any]]:
+        """The archive's ``manifest.json``: its images by file name, each with an int index and seed."""
+        try:
+            if name != MANIFEST_NAME:
+                raise ValueError(f"its first entry is {name}, not {MANIFEST_NAME}")
+            listed = {}
+            for item in json.loads(data)["images"]:
+                item["index"], item["seed"] = int(item["index"]), int(item["seed"])
+                listed[str(item["file"])] = item
+            return listed
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ClientError(f"the archive of job {job_id} from {self.base_url} has no readable manifest: {exc}") from None
 
     def _fetch_listed(self, job_id: str, status: dict[str, Any], have: set[int], on_image: Callable[[JobImage], None]) -> None:
         """A done job's images from its body (a server without archives): each link, or base64."""
@@ -281,6 +297,8 @@ class GenerateClient:
             if value.startswith(("http://", "https://", "/")):
                 # The link's host is the one the server believes it has: behind a tunnel, ours is the one that works.
                 answer = self._request("GET", "/images/" + value.rsplit("/images/", 1)[-1])
+                if answer.status in LOST_STATUSES:
+                    raise _Lost(f"HTTP {answer.status}: {answer.detail()}")
                 if answer.status != 200:
                     raise ClientError(f"image {index} of job {job_id} could not be fetched (HTTP {answer.status}): {answer.detail()}")
                 data = answer.body

@@ -322,9 +322,9 @@ def follow(
     client: GenerateClient, job_id: str, stem: Callable[[int, int], str], prompt: Callable[[int], str | None],
     images: int, seeds: Sequence[int], first_index: int, saver: Saver, from_disk: bool,
 ) -> dict[str, Any]:
-    """Follow job ``job_id`` to its end, saving each image as it comes; ``stem(index, seed)`` and
-    ``prompt(index)`` of an image by its index in the job (None: the server's is the one). ``from_disk``: the images whose files
-    are in the folder already are not fetched again (a job fetched again with --job)."""
+    """Follow job ``job_id`` to its end, saving each image as it comes. ``stem(index, seed)`` and
+    ``prompt(index)`` (None: whatever the server says) of an image by its index in the job.
+    ``from_disk``: images whose files are in the folder already are not fetched again (--job)."""
     progress, bar = saver.progress, saver.bar
     have = {i for i, seed in enumerate(seeds) if saver.present(stem(i, seed))} if from_disk else set()
     progress.job_id, progress.job_images, progress.job_saved = job_id, images, len(have)

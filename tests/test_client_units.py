@@ -354,3 +354,89 @@ def test_a_server_without_archives_gets_the_done_jobs_links(tmp_path: Path) -> N
     for name, seed in (("000_5.png", "5"), ("001_6.png", "6")):
         with Image.open(tmp_path / "out" / name) as image:
             assert image.text == {"prompt": "one prompt", "seed": seed}
+
+
+# ----- the job follower against a scripted server -------------------------------------------------
+
+
+class _Scripted:
+    """A loopback HTTP server answering each path (query included) with its next scripted answer
+    (the last one repeats); ``asked`` lists the paths in order."""
+
+    def __init__(self, answers: dict[str, list[tuple[int, bytes]]]) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.asked: list[str] = []
+        script = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                script.asked.append(self.path)
+                queue = answers.get(self.path) or [(404, b'{"detail": "Not found."}')]
+                status, body = queue.pop(0) if len(queue) > 1 else queue[0]
+                self.send_response(status)
+                self.send_header("Content-Type", "application/zip" if body.startswith(b"PK") else "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _job_archive(images: dict[int, bytes], since: int = 0, damaged: bool = False) -> bytes:
+    import hashlib
+
+    files = {f"{index:04d}_{100 + index}.png": (index, data) for index, data in sorted(images.items()) if index >= since}
+    manifest = {"job_id": "j", "since": since, "images": [
+        {"index": index, "file": name, "prompt": f"p{index}", "seed": 100 + index, "bytes": len(data),
+         "sha256": hashlib.sha256(data + (b"!" if damaged else b"")).hexdigest(), "receipt": None}
+        for name, (index, data) in files.items()
+    ]}
+    return _zipped({"manifest.json": json.dumps(manifest).encode(), **{name: data for name, (_, data) in files.items()}})
+
+
+def _status(state: str, done: int, total: int = 4) -> tuple[int, bytes]:
+    return 200, json.dumps({"job_id": "j", "state": state, "images_done": done, "images_total": total, "seeds": [100, 101, 102, 103]}).encode()
+
+
+def test_images_that_finish_out_of_order_are_each_saved_once() -> None:
+    from client.api import GenerateClient
+
+    images = {index: _image("PNG", {"prompt": f"p{index}", "seed": 100 + index}) for index in range(4)}
+    server = _Scripted({
+        "/jobs/j": [_status("running", 2), _status("done", 4)],
+        # A second worker finished images 2 and 3 first; the next archive from 0 holds all four.
+        "/jobs/j/archive?since=0": [(200, _job_archive({2: images[2], 3: images[3]})), (200, _job_archive(images))],
+    })
+    got: list[int] = []
+    have: set[int] = set()
+    try:
+        client = GenerateClient(server.url, on_retry=lambda message: None, sleep=lambda seconds: None)
+        status = client.follow_job("j", have, lambda image: got.append(image.index), lambda done, total: None)
+    finally:
+        server.close()
+    assert status["state"] == "done" and have == {0, 1, 2, 3}
+    assert got == [2, 3, 0, 1], "each image handed over once, as it arrived"
+    assert server.asked == ["/jobs/j", "/jobs/j/archive?since=0", "/jobs/j", "/jobs/j/archive?since=0"]
+
+
+def test_an_image_that_does_not_match_its_sha256_is_an_error_not_a_file() -> None:
+    from client.api import GenerateClient
+
+    server = _Scripted({"/jobs/j": [_status("done", 1, total=1)], "/jobs/j/archive?since=0": [(200, _job_archive({0: b"x" * 10}, damaged=True))]})
+    try:
+        client = GenerateClient(server.url, on_retry=lambda message: None, sleep=lambda seconds: None)
+        with pytest.raises(ClientError, match="the archive of job j is damaged: 0000_100.png does not match the sha256 of its manifest"):
+            client.follow_job("j", set(), lambda image: pytest.fail("a damaged image was handed over"), lambda done, total: None)
+    finally:
+        server.close()

@@ -36,14 +36,24 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for spec in fields(cls):
         assert spec.default is not MISSING
-        parser.add_argument(
-            flag(spec.name),
-            dest=spec.name,
-            type=type(spec.default),
-            default=argparse.SUPPRESS,
-            help=f"{spec.metadata['help']} [{env_name(spec.name)}, default: {spec.default!r}]",
-        )
+        text = f"{spec.metadata['help']} [{env_name(spec.name)}, default: {spec.default!r}]"
+        if isinstance(spec.default, bool):  # a switch: --name sets it, --no-name clears it
+            parser.add_argument(flag(spec.name), dest=spec.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            continue
+        parser.add_argument(flag(spec.name), dest=spec.name, type=type(spec.default), default=argparse.SUPPRESS, help=text)
     return parser
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _from_text(default: Any, raw: str) -> Any:
+    """A variable's text as the type of the setting's default (a bool from 1/0, true/false, yes/no, on/off)."""
+    if isinstance(default, bool):
+        if raw.strip().lower() in _TRUE + _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ValueError(raw)
+    return type(default)(raw)
 
 
 def parse(cls: type[T], parser: argparse.ArgumentParser, argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> T:
@@ -54,7 +64,7 @@ def parse(cls: type[T], parser: argparse.ArgumentParser, argv: Sequence[str] | N
         raw = environ.get(env_name(spec.name))
         if raw is not None:
             try:
-                values[spec.name] = type(spec.default)(raw)
+                values[spec.name] = _from_text(spec.default, raw)
             except ValueError:
                 parser.error(f"{env_name(spec.name)}={raw!r} is not a valid {type(spec.default).__name__}")
     values.update(vars(parser.parse_args(argv)))

@@ -9,11 +9,14 @@ the defaults, for the documentation.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_load, validate, validates_schema
+from yarl import URL
 
 from contract.formats import DEFAULT_ALLOWED_SIZES, DEFAULT_SIZE, IMAGE_FORMATS, MAX_QUALITY, MIN_QUALITY, PNG, parse_size
+from contract.webhooks import DEFAULT_WEBHOOK_EVENTS, MAX_WEBHOOK_URL_CHARS, WEBHOOK_EVENTS
 from schemas.fields import StrictFloat, StrictInteger
 
 DEFAULT_MAX_IMAGES = 150
@@ -53,6 +56,34 @@ def _not_blank(text: str) -> None:
         raise ValidationError("Prompts must not be blank.")
 
 
+def _webhook_url(text: str) -> None:
+    """The shape of a webhook URL; where it may point is the server's check (``service.webhooks``)."""
+    _encodable(text)
+    if len(text) > MAX_WEBHOOK_URL_CHARS:
+        raise ValidationError(f"{len(text)} characters long; the limit is {MAX_WEBHOOK_URL_CHARS}.")
+    if any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise ValidationError("Must not hold spaces or control characters.")
+    try:
+        url = URL(text)
+        host, _ = url.host, url.port
+    except (ValueError, TypeError):
+        raise ValidationError("Not a valid URL.") from None
+    if url.scheme not in ("http", "https") or not host:
+        raise ValidationError("Must be an absolute http:// or https:// URL, such as https://example.com/hooks/sdxl.")
+    if url.user is not None or url.password is not None:
+        raise ValidationError("Must not hold a user name or password; a receiver checks the signature instead.")
+    if host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValidationError(f"The host {host} is no IPv4 address as written: use four decimal numbers, a.b.c.d.") from None
+
+
+def _distinct(events: list[str]) -> None:
+    if len(set(events)) != len(events):
+        raise ValidationError("Name each event once.")
+
+
 SIZE_HINT = (
     f'send "size": "WIDTHxHEIGHT" instead: {DEFAULT_SIZE} (16:9, the default), 576x1024 (9:16) or 1024x1024; '
     "GET / lists the sizes this server allows."
@@ -70,6 +101,22 @@ class GenerateRequestSchema(Schema):
             sent = [name for name in ("width", "height") if name in data]
             if sent:
                 raise ValidationError(f"{' and '.join(sent)} {'is not a field' if len(sent) == 1 else 'are not fields'}; {SIZE_HINT}", sent[0])
+        return data
+
+    @validates_schema
+    def _events_need_a_url(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "webhook_events" in data and data.get("webhook_url") is None:
+            raise ValidationError("Needs a webhook_url to send them to.", "webhook_events")
+
+    @post_load
+    def _webhook_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Absent or null: no webhook fields at all, so the hash of a body without them (its
+        Idempotency-Key's) stays what it was before webhooks. With a URL, the events in one order."""
+        if data.get("webhook_url") is None:
+            data.pop("webhook_url", None)
+            return data
+        chosen = data.get("webhook_events", DEFAULT_WEBHOOK_EVENTS)
+        data["webhook_events"] = [event for event in WEBHOOK_EVENTS if event in chosen]
         return data
 
     @validates_schema
@@ -169,6 +216,33 @@ class GenerateRequestSchema(Schema):
                 "are returned in `seeds` either way."
             ),
             "example": 1234,
+        },
+    )
+    webhook_url = fields.Str(
+        allow_none=True,
+        validate=_webhook_url,
+        metadata={
+            "description": (
+                f"http(s) URL, at most {MAX_WEBHOOK_URL_CHARS} characters, that gets a signed POST (Standard Webhooks: "
+                "webhook-id, webhook-timestamp, webhook-signature headers) when the job ends: job.completed or job.failed "
+                "(also for a cancelled job; data.state says which). Retried with backoff, also across restarts, with the "
+                "same webhook-id. The server must have a webhook secret (a 400 says so otherwise) and calls no loopback, "
+                "private or link-local address unless its operator allows them (a 400 at submit)."
+            ),
+            "example": "https://example.com/hooks/sdxl",
+            "maxLength": MAX_WEBHOOK_URL_CHARS,
+        },
+    )
+    webhook_events = fields.List(
+        fields.Str(validate=validate.OneOf(WEBHOOK_EVENTS, error="events are: {choices}.")),
+        validate=[validate.Length(min=1, error="Name at least one event."), _distinct],
+        metadata={
+            "description": (
+                f"Which events to send (with webhook_url only); default {list(DEFAULT_WEBHOOK_EVENTS)}. "
+                "Add image.completed for one message per stored image (index, seed, url)."
+            ),
+            "example": list(WEBHOOK_EVENTS),
+            "uniqueItems": True,
         },
     )
     guidance_scale = StrictFloat(

@@ -31,6 +31,7 @@ from service.lifecycle import Lifecycle
 from service.routes import ROUTES
 from service.settings import Settings
 from service.ui import UI_ROUTES, page_file_headers
+from service.webhooks import setup_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def create_app(settings: Settings, pool: Any) -> web.Application:
     app.cleanup_ctx.append(_run_pool)
     app.cleanup_ctx.append(_run_jobs)
     app.cleanup_ctx.append(_evict_expired)
+    setup_webhooks(app)  # after the jobs: stopped before their database closes
     _document(app, secured=bool(keys))
     _allow_origins(app, settings.allowed_origins())
     return app

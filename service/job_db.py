@@ -16,14 +16,18 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from contract.batch import BatchSpec
 from contract.states import UNFINISHED_JOB_STATES as UNFINISHED_STATES
 from contract.states import JobState
+from service import webhook_outbox
+from service.webhook_outbox import OUTBOX_SCHEMA, WebhookTarget
 
+T = TypeVar("T")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED
 
 _SCHEMA = """
@@ -56,6 +60,11 @@ _ADDED_COLUMNS = {
         # Idempotency-Key of the request and a hash of its validated body.
         "idempotency_key": "TEXT",
         "request_hash": "TEXT",
+        # Where its webhook events go, which ones (JSON list), and the base of the links in them
+        # (``service.webhook_outbox.WebhookTarget``); NULL: no webhook.
+        "webhook_url": "TEXT",
+        "webhook_events": "TEXT",
+        "links_base": "TEXT",
     },
     "job_images": {"sha256": "TEXT", "bytes": "INTEGER", "receipt": "TEXT"},
 }
@@ -122,6 +131,10 @@ class JobDatabase:
         self._db.executescript(_SCHEMA)
         self._add_missing_columns()
         self._db.executescript(_INDEXES)
+        self._db.executescript(OUTBOX_SCHEMA)
+        # Called (from the writing thread) after a commit that added webhook messages: the
+        # deliverer's wake-up (``service.webhooks``).
+        self.outbox_written: Callable[[], None] | None = None
 
     def _add_missing_columns(self) -> None:
         for table, columns in _ADDED_COLUMNS.items():
@@ -134,17 +147,20 @@ class JobDatabase:
         with self._lock:
             self._db.close()
 
-    def create(self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None) -> JobRecord:
+    def create(
+        self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None, webhook: WebhookTarget | None = None
+    ) -> JobRecord:
         """Write an accepted job; ``IdempotencyKeyTaken`` when its owner's key names a job already."""
         now = time.time()
         key, request_hash = (idempotency.key, idempotency.request_hash) if idempotency else (None, None)
+        hook = (webhook.url, json.dumps(list(webhook.events)), webhook.links_base) if webhook else (None, None, None)
         try:
             with self._lock, self._db:
                 self._db.execute("BEGIN")
                 self._db.execute(
-                    "INSERT INTO jobs (id, state, spec, images_total, created_at, updated_at, owner, idempotency_key, request_hash)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, QUEUED, spec.to_json(), spec.total_images, now, now, owner, key, request_hash),
+                    "INSERT INTO jobs (id, state, spec, images_total, created_at, updated_at, owner, idempotency_key, request_hash,"
+                    " webhook_url, webhook_events, links_base) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, QUEUED, spec.to_json(), spec.total_images, now, now, owner, key, request_hash, *hook),
                 )
         except sqlite3.IntegrityError as exc:
             if key is not None and "idempotency_key" in str(exc):
@@ -206,18 +222,35 @@ class JobDatabase:
                 " state = CASE WHEN state = ? THEN ? ELSE state END WHERE id = ?",
                 (added, json.dumps(merged), time.time(), QUEUED, RUNNING, job_id),
             )
-            return self._db.execute("SELECT images_done FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            done = self._db.execute("SELECT images_done FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            messages = webhook_outbox.enqueue_images(self._db, job_id, first_index, len(rows), done, time.time())
+        self._told_outbox(messages)
+        return done
 
     def finish(self, job_id: str, state: str, detail: str | None = None) -> None:
         """The job's last state; a cancelled job stays cancelled whatever its running shards did."""
         now = time.time()
         with self._lock, self._db:
             self._db.execute("BEGIN")
-            self._db.execute(
+            ended = self._db.execute(
                 "UPDATE jobs SET state = ?, detail = COALESCE(?, detail), updated_at = ?, finished_at = ?"
                 " WHERE id = ? AND state IN (?, ?)",
                 (state, detail, now, now, job_id, *UNFINISHED_STATES),
-            )
+            ).rowcount
+            # Its webhook message in the same transaction: no crash can record the end and lose it.
+            messages = webhook_outbox.enqueue_job_end(self._db, job_id, now) if ended else 0
+        self._told_outbox(messages)
+
+    def _told_outbox(self, messages: int) -> None:
+        if messages and self.outbox_written is not None:
+            self.outbox_written()
+
+    def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work(connection)`` in one transaction under the lock: for the tables other modules
+        keep here (the webhook outbox, ``service/webhook_outbox.py``)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            return work(self._db)
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:

@@ -39,6 +39,7 @@ from service.job_db import (
     JobRecord,
     StoredImage,
 )
+from service.webhook_outbox import WebhookTarget
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +174,13 @@ class JobManager:
         self._reserved += images
 
     async def create(
-        self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None
+        self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None, webhook: WebhookTarget | None = None
     ) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
         """Record the job, then queue all its shards; the caller listens from the first event.
         Its images were reserved by admission: released here once the engine counts them.
         ``IdempotencyKeyTaken`` when a request with the same key got there first."""
         try:
-            record = await asyncio.to_thread(self.db.create, job_id, spec, owner, idempotency)
+            record = await asyncio.to_thread(self.db.create, job_id, spec, owner, idempotency, webhook)
             job = LiveJob(job_id, spec, 0, record.created_at)
             listener = job.listen()
             self._run(job, split_into_shards(job_id, spec))

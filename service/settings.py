@@ -7,6 +7,8 @@ wins over the variable, the variable over the default. ``python -m service --hel
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,15 @@ class Settings:
         secret=True,
     )
     broker_prefix: str = setting("sdxl", "prefix of the Redis keys, so that several deployments can share one Redis")
+    webhook_secret: str = setting(
+        "",
+        "whsec_<base64 of 24 to 64 random bytes>: signs webhook deliveries (Standard Webhooks); without it webhook_url is "
+        "refused, as unsigned webhooks are not sent",
+        secret=True,
+    )
+    webhook_allow_private: bool = setting(False, "let webhook_url reach loopback, private and link-local addresses (refused by default)")
+    webhook_timeout: float = setting(10.0, "seconds one webhook delivery may take, connecting included")
+    webhook_max_attempts: int = setting(16, "deliveries of one webhook message before it is given up (1 s apart, doubling to 1 h: about 6 h)")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     @property
@@ -151,6 +162,34 @@ def validate(settings: Settings) -> list[str]:
                 f"{short} API key(s) are shorter than {MIN_KEY_CHARS} characters, too easy to guess on a public tunnel; "
                 "make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))'"
             )
+    if settings.webhook_secret:
+        problem = webhook_secret_problem(settings.webhook_secret)
+        if problem:
+            problems.append(problem)
+    if settings.webhook_timeout <= 0:
+        problems.append("--webhook-timeout must be positive")
+    if settings.webhook_max_attempts < 1:
+        problems.append("--webhook-max-attempts must be at least 1")
     if not 0 <= settings.port <= 65535:
         problems.append("--port must be between 0 and 65535")
     return problems
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_BYTES = (24, 64)  # as the Standard Webhooks specification asks
+
+
+def webhook_secret_problem(secret: str) -> str | None:
+    """Why ``--webhook-secret`` cannot sign (None: it can): ``whsec_`` and 24 to 64 bytes in base64."""
+    make = "make one with: python -c \"import base64, secrets; print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return f"--webhook-secret must start with {WEBHOOK_SECRET_PREFIX} (whsec_<base64>); {make}"
+    try:
+        encoded = secret[len(WEBHOOK_SECRET_PREFIX):]
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)  # padding optional, as for the signer
+    except binascii.Error:
+        return f"--webhook-secret is not whsec_ and base64; {make}"
+    low, high = WEBHOOK_SECRET_BYTES
+    if not low <= len(key) <= high:
+        return f"--webhook-secret holds {len(key)} bytes; it must hold {low} to {high}; {make}"
+    return None

@@ -16,6 +16,7 @@ from service.idempotency import conflict, idempotency_of
 from service.job_db import Idempotency, IdempotencyKeyTaken
 from service.jobs import JobEvent, JobManager, LiveJob
 from service.keys import JOBS
+from service.webhooks import webhook_of
 
 
 @dataclass
@@ -38,11 +39,14 @@ async def submit(request: web.Request, data: dict[str, Any]) -> Submitted | web.
         earlier = await _earlier(jobs, owner, idempotency)
         if earlier is not None:
             return earlier
+    webhook = await webhook_of(request, data)  # resolves its host: before admission reserves anything
+    if isinstance(webhook, web.Response):
+        return webhook
     admitted = admit(request, data)
     if isinstance(admitted, web.Response):
         return admitted
     try:
-        job, listener = await jobs.create(request[REQUEST_ID], admitted, owner, idempotency)
+        job, listener = await jobs.create(request[REQUEST_ID], admitted, owner, idempotency, webhook)
     except IdempotencyKeyTaken:  # the same key, sent twice at once: the other one won
         assert idempotency is not None
         earlier = await _earlier(jobs, owner, idempotency)

@@ -27,6 +27,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from gpu_workers.flag_settings import build_parser as build_settings_parser
 from gpu_workers.flag_settings import flag, parse, setting
@@ -38,6 +39,7 @@ from gpu_workers.redis_protocol import (
     redacted,
 )
 from gpu_workers.shard_rules import DEFAULT_SHARD_TIMEOUT, RestartBackoff
+from gpu_workers.speed import SpeedSettings, announced_shapes, speed_setting
 from gpu_workers.worker_loop import EXIT_SHARD_TIMEOUT
 from gpu_workers.remote_worker import (
     EXIT_REFUSED,
@@ -72,6 +74,15 @@ class LaunchSettings:
         "seconds a shard whose worker died (its heartbeat stopped) waits before another worker takes it over",
     )
     broker_prefix: str = setting(DEFAULT_PREFIX, "prefix of every Redis key: the same as the API server's --broker-prefix")
+    # The speed settings, as python -m service has them (gpu_workers/speed.py); the sizes and the
+    # shard size a full warm-up covers come from the API server's announcement.
+    dtype: str = speed_setting("dtype")
+    channels_last: str = speed_setting("channels_last")
+    fuse_qkv: str = speed_setting("fuse_qkv")
+    compile: str = speed_setting("compile")
+    compile_mode: str = speed_setting("compile_mode")
+    fp8: str = speed_setting("fp8")
+    warmup: str = speed_setting("warmup")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
 
@@ -100,6 +111,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         problems.append("--visibility-timeout must be positive")
     if settings.shard_timeout <= 0:
         problems.append("--shard-timeout must be positive")
+    problems += SpeedSettings.of(settings).problems()
     if problems:
         parser.error("; ".join(problems))
     return settings
@@ -118,11 +130,12 @@ class _Slot:
 class Launcher:
     """Starts, watches and stops one worker process per device."""
 
-    def __init__(self, settings: LaunchSettings, devices: tuple[str, ...], model: str) -> None:
+    def __init__(self, settings: LaunchSettings, devices: tuple[str, ...], model: str, shapes: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        speed = {**SpeedSettings.of(settings).as_fields(), **(shapes or {})}
         self.slots = [
-            _Slot(WorkerConfig(index, device, model, settings.model_cache, settings.cpu_threads, settings.shard_timeout))
+            _Slot(WorkerConfig(index, device, model, settings.model_cache, settings.cpu_threads, settings.shard_timeout, **speed))
             for index, device in enumerate(devices)
         ]
         self.stopping = False
@@ -242,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         served = served_model(raw, settings.broker)
         model = served if settings.model in FOLLOW_THE_SERVER else settings.model
         check_model(served, model, settings.broker)
+        sizes, max_batch = announced_shapes(raw)
+        shapes = {key: value for key, value in (("warmup_sizes", sizes), ("max_batch", max_batch)) if value is not None}
     except Refused as refused:
         log.error("%s", refused)
         return EXIT_REFUSED
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
 
     log.info("serving model %s for the API server at %s on %s", model, redacted(settings.broker), ", ".join(devices))
-    launcher = Launcher(settings, devices, model)
+    launcher = Launcher(settings, devices, model, shapes)
     signal.signal(signal.SIGTERM, launcher.stop)
     signal.signal(signal.SIGINT, launcher.stop)
     code = launcher.run()

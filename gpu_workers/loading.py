@@ -51,16 +51,19 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message names the cause and the fix."""
 
 
-def load_pipeline(model: str, device: str, model_cache: Path) -> StableDiffusionXLPipeline:
-    """Load `model` onto `device` (float16 on CUDA, float32 elsewhere), progress bars off.
+def load_pipeline(
+    model: str, device: str, model_cache: Path, dtype: torch.dtype | None = None
+) -> StableDiffusionXLPipeline:
+    """Load `model` onto `device` in `dtype` (None: `pipeline_dtype(device)`), progress bars off.
 
     `model_cache` is where locally built models (the tiny one) live; hub files go to the HF cache.
     A `package.module:factory` result is returned exactly as the factory made it.
     """
+    dtype = dtype or pipeline_dtype(device)
     if model in KNOWN_PRESETS:
-        pipe = _load_preset(model, device, Path(model_cache))
+        pipe = _load_preset(model, device, Path(model_cache), dtype)
     elif _is_pipeline_folder(Path(model)):
-        pipe = _load_folder(Path(model), device)
+        pipe = _load_folder(Path(model), dtype)
     elif match := _FACTORY.match(model):
         return _call_factory(match["module"], match["factory"], device, Path(model_cache))
     else:
@@ -68,13 +71,16 @@ def load_pipeline(model: str, device: str, model_cache: Path) -> StableDiffusion
     return _to_device(pipe, device)
 
 
-def pipeline_dtype(device: str) -> torch.dtype:
-    """float16 where the device is CUDA (the checkpoint's precision), float32 on the CPU, which has
-    no fast float16 kernels."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+def pipeline_dtype(device: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """The default precision on `device` (`--dtype auto`): bfloat16 on a CUDA GPU that has it
+    (compute capability 8.0 and newer), float16 on older ones such as a T4 (with the fp16-fix VAE),
+    float32 on the CPU, which has no fast half-precision kernels."""
+    from gpu_workers.speed import AUTO, resolve_dtype
+
+    return resolve_dtype(AUTO, device, capability)
 
 
-def _load_preset(preset: str, device: str, model_cache: Path) -> StableDiffusionXLPipeline:
+def _load_preset(preset: str, device: str, model_cache: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
     if preset == TINY:
         try:
             folder = build_tiny_model(model_cache)
@@ -83,11 +89,11 @@ def _load_preset(preset: str, device: str, model_cache: Path) -> StableDiffusion
                 f"Could not build the tiny model in {model_cache}: {exc}."
                 " Point the model cache at a writable folder"
             ) from exc
-        return _load_folder(folder, device)
+        return _load_folder(folder, dtype)
     if preset == LIGHTNING_8STEP:
-        return _load_lightning(pipeline_dtype(device))
+        return _load_lightning(dtype)
     if preset == SYNTHETIC:
-        return _with_trailing_euler(build_synthetic_pipeline(device, pipeline_dtype(device)))
+        return _with_trailing_euler(build_synthetic_pipeline(device, dtype))
     raise ModelLoadError(f"The {preset} preset is not implemented yet: {_CHOICES}")
 
 
@@ -136,12 +142,10 @@ def _unet_with_weights(config: dict[str, Any], weights: Path, dtype: torch.dtype
     return unet.eval()
 
 
-def _load_folder(folder: Path, device: str) -> StableDiffusionXLPipeline:
+def _load_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
     """A local SDXL diffusers folder, with the Lightning-style trailing Euler scheduler."""
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            folder, dtype=pipeline_dtype(device), variant=_folder_variant(folder)
-        )
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, variant=_folder_variant(folder))
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(
             f"Could not load the diffusers folder {folder} as an SDXL pipeline: {exc}."

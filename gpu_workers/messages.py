@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from contract.batch import DEFAULT_STEPS, IMAGE_HEIGHT, IMAGE_WIDTH
 from contract.failures import FailureReason
-from contract.formats import DEFAULT_FORMAT
+from contract.formats import DEFAULT_ALLOWED_SIZES, DEFAULT_FORMAT
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,17 @@ class WorkerConfig:
     cpu_threads: int
     # Seconds a shard may run on the device before the worker gives up on itself (0: no limit).
     shard_timeout: float = 0.0
+    # The speed settings (``gpu_workers.speed``: strings, "auto" decided by the device) ...
+    dtype: str = "auto"
+    channels_last: str = "auto"
+    fuse_qkv: str = "auto"
+    compile: str = "auto"
+    compile_mode: str = "default"
+    fp8: str = "off"
+    warmup: str = "auto"
+    # ... and what a full warm-up covers: every allowed size, every shard size up to max_batch.
+    warmup_sizes: tuple[str, ...] = DEFAULT_ALLOWED_SIZES
+    max_batch: int = 4
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,8 @@ class ShardDone:
     warnings: tuple[str, ...]
     seconds: float
     receipts: tuple[str, ...] = ()
+    # The worker's peak device memory so far (CUDA: allocated bytes; CPU: the process's peak RSS).
+    peak_memory_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ class LocalProcesses:
             model_cache=self.config.model_cache,
             cpu_threads=self.config.cpu_threads,
             shard_timeout=self.config.shard_timeout,
+            **self.config.worker_fields(),
         )
         receive_end, send_end = self._ctx.Pipe(duplex=False)
         slot.tasks = self._ctx.Queue()

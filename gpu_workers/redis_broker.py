@@ -166,7 +166,7 @@ class RedisTransport:
     async def _refresh(self) -> None:
         assert self._redis is not None
         redis = self._redis
-        await redis.set(self.keys.config, config_json(self.config.model))
+        await redis.set(self.keys.config, config_json(self.config.model, self.config.sizes, self.config.max_batch))
         if not self._connected:
             await self._create_group()
             if self.problem and not self.problem.startswith("connecting"):

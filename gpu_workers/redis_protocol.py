@@ -103,8 +103,15 @@ def worker_name(pid: int, device: str) -> str:
     return f"{socket.gethostname()}-{device.replace(':', '')}-{pid}"
 
 
-def config_json(model: str) -> str:
-    return json.dumps({"protocol": PROTOCOL, "model": model})
+def config_json(model: str, sizes: tuple[str, ...] = (), max_batch: int = 0) -> str:
+    """What the API server announces to every worker box; ``sizes`` and ``max_batch`` tell a
+    worker what its full warm-up must cover (``gpu_workers.speed.announced_shapes``)."""
+    data: dict[str, object] = {"protocol": PROTOCOL, "model": model}
+    if sizes:
+        data["sizes"] = list(sizes)
+    if max_batch:
+        data["max_batch"] = max_batch
+    return json.dumps(data)
 
 
 def redacted(url: str) -> str:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from contract.failures import FailureReason
+from contract.formats import DEFAULT_ALLOWED_SIZES
 from contract.states import WorkerState
 from gpu_workers.ledger import RequestHandle, RequestLedger
 from gpu_workers.messages import ShardDone, ShardFailed, ShardTask
 from gpu_workers.shard_rules import given_up, given_up_detail
+from gpu_workers.speed import SpeedSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,13 @@ class EngineConfig:
     shard_timeout: float = 0.0
     # The first wait before a dead local worker is started again (doubles while it keeps dying).
     restart_delay: float = 1.0
+    # The workers' speed settings, and the sizes a request may ask for (what a full warm-up covers).
+    speed: SpeedSettings = SpeedSettings()
+    sizes: tuple[str, ...] = DEFAULT_ALLOWED_SIZES
+
+    def worker_fields(self) -> dict[str, Any]:
+        """What every ``WorkerConfig`` of this engine carries besides its own id and device."""
+        return {**self.speed.as_fields(), "warmup_sizes": self.sizes, "max_batch": self.max_batch}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from gpu_workers.messages import (
     ShardDone,
     ShardFailed,
     ShardStarted,
-    ShardTask,
     StopWorker,
     WorkerConfig,
     WorkerReady,
@@ -51,14 +50,17 @@ def _prepare_device(config: WorkerConfig) -> str:
 
 
 def load_for_worker(config: WorkerConfig) -> tuple[Any, WorkerFacts]:
-    """Pin the device, load the pipeline and warm it up: ``(pipeline, the worker's facts)``, whose
-    ``device_name`` /health shows and which go into every image's receipt."""
+    """Pin the device, load the pipeline in the configured precision, apply the speed settings and
+    warm it up (``gpu_workers.speed``): ``(pipeline, the worker's facts)``, whose ``device_name``
+    /health shows and which go into every image's receipt."""
+    from gpu_workers import speed
     from gpu_workers.generation import generate_images
     from gpu_workers.loading import load_pipeline
 
     device_name = _prepare_device(config)
-    pipe = load_pipeline(config.model, config.device, Path(config.model_cache))
-    generate_images(pipe, ShardTask("warm-up", 0, 0, ("warm-up",), (0,), None, 0.0, steps=1))
+    pipe, _ = speed.prepare(
+        config, device_name, lambda dtype: load_pipeline(config.model, config.device, Path(config.model_cache), dtype), generate_images
+    )
     return pipe, worker_facts(config.model, Path(config.model_cache), device_name)
 
 

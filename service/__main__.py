@@ -12,6 +12,7 @@ from aiohttp import web
 from gpu_workers.backend import ShardBackend
 from gpu_workers.devices import REAL_MODEL, resolve_devices, resolve_model
 from gpu_workers.scheduler import EngineConfig
+from gpu_workers.speed import SpeedSettings
 from service.app import create_app
 from service.connections import CappedSite, connection_cap, quiet_accept_errors, raise_file_limit
 from service.keys import JOBS, LIFECYCLE
@@ -72,7 +73,8 @@ def _backend(settings: Settings) -> ShardBackend:
         from gpu_workers.redis_broker import redis_workers
 
         config = EngineConfig(
-            devices=(), model=model, model_cache=settings.model_cache, max_batch=settings.max_batch, shard_timeout=settings.shard_timeout
+            devices=(), model=model, model_cache=settings.model_cache, max_batch=settings.max_batch, shard_timeout=settings.shard_timeout,
+            speed=SpeedSettings.of(settings), sizes=settings.allowed_sizes(),
         )
         return redis_workers(config, settings.broker, settings.broker_prefix)
     from gpu_workers.pool import local_workers
@@ -88,6 +90,8 @@ def _backend(settings: Settings) -> ShardBackend:
             cpu_threads=settings.cpu_threads,
             max_batch=settings.max_batch,
             shard_timeout=settings.shard_timeout,
+            speed=SpeedSettings.of(settings),
+            sizes=settings.allowed_sizes(),
         )
     )
 

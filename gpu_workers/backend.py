@@ -42,8 +42,9 @@ class ShardBackend(Protocol):
     async def stop(self, timeout: float = 10.0) -> None:
         """Fail what is still waiting and release every worker."""
 
-    def submit(self, request_id: str, shards: list[ShardTask]) -> RequestEvents:
-        """Queue a request's shards (all of them, or the unfinished ones of a resumed job)."""
+    def submit(self, request_id: str, shards: list[ShardTask], owner: str = "") -> RequestEvents:
+        """Queue a request's shards (all of them, or the unfinished ones of a resumed job); owners
+        (API keys) take turns before requests do."""
 
     def abandon(self, request_id: str) -> None:
         """Queued shards never run; running ones finish and report, then ``Drained``."""
@@ -61,8 +62,14 @@ class ShardBackend(Protocol):
     def queued_images(self) -> int: ...
 
     @property
+    def queued_shards(self) -> int: ...
+
+    @property
     def pending_images(self) -> int:
         """Images accepted and not finished yet: what admission control bounds."""
+
+    def pending_images_of(self, owner: str) -> int:
+        """One owner's images accepted and not finished yet: what the per-key bound counts."""
 
     def estimated_wait(self, images: int) -> float:
         """Seconds until ``images`` more would be done at the throughput seen so far."""

@@ -87,6 +87,16 @@ def _slice(task: ShardTask, start: int, stop: int) -> ShardTask:
     )
 
 
+def device_memory_peak(device: str) -> int:
+    """The worker's peak memory on its device so far: CUDA's peak allocated bytes, or on the CPU the
+    process's peak resident set (what the metrics show per worker)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _free_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

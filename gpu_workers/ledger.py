@@ -46,10 +46,10 @@ class RequestLedger:
         self.requests: dict[str, RequestHandle] = {}
         self._seconds_per_image: float | None = None
 
-    def add(self, request_id: str, shards: list[ShardTask]) -> RequestHandle:
+    def add(self, request_id: str, shards: list[ShardTask], owner: str = "") -> RequestHandle:
         handle = RequestHandle(request_id, shards)
         self.requests[request_id] = handle
-        self.queue.add(shards)
+        self.queue.add(shards, owner)
         return handle
 
     def abandon(self, request_id: str) -> None:
@@ -70,11 +70,12 @@ class RequestLedger:
 
     def fail(self, handle: RequestHandle, detail: str, reason: FailureReason) -> None:
         self.requests.pop(handle.request_id, None)
-        self.queue.drop(handle.request_id)
+        self.queue.forget(handle.request_id)
         handle.events.put_nowait(RequestFailed(detail, reason))
 
     def end_if_drained(self, handle: RequestHandle) -> None:
         if handle.abandoned and not handle.in_flight and self.requests.pop(handle.request_id, None) is not None:
+            self.queue.forget(handle.request_id)
             handle.events.put_nowait(Drained())
 
     def dispatched(self, shard: ShardTask) -> None:
@@ -92,6 +93,7 @@ class RequestLedger:
         handle.events.put_nowait(message)
         if handle.complete:
             self.requests.pop(message.request_id, None)
+            self.queue.forget(message.request_id)
         self.end_if_drained(handle)
         return True
 

@@ -88,6 +88,16 @@ class TransportEvents(Protocol):
     def room_changed(self) -> None: ...
 
 
+class EngineObserver(Protocol):
+    """Who wants to know each shard's end besides the requests (the metrics)."""
+
+    def shard_done(self, message: ShardDone) -> None: ...
+
+    def shard_failed(self, message: ShardFailed, images: int) -> None: ...
+
+    def shards_lost(self, shards: list[ShardTask], culprit: ShardTask | None, reason: FailureReason, cause: str) -> None: ...
+
+
 class Transport(Protocol):
     """Moves shards to workers and results back; knows nothing of requests or retries."""
 
@@ -117,6 +127,7 @@ class Scheduler:
         self._queue = self._ledger.queue
         self._in_flight: dict[tuple[str, int], ShardTask] = {}
         self._losses: dict[tuple[str, int], int] = {}
+        self.observers: list[EngineObserver] = []
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -143,15 +154,25 @@ class Scheduler:
         return self._queue.images
 
     @property
+    def queued_shards(self) -> int:
+        return len(self._queue)
+
+    @property
     def pending_images(self) -> int:
         """Images accepted and not finished yet: what admission control bounds."""
         return self._queue.images + sum(shard.size for shard in self._in_flight.values())
 
+    def pending_images_of(self, owner: str) -> int:
+        """One owner's (API key's) images accepted and not finished: what the per-key bound counts."""
+        in_flight = sum(shard.size for shard in self._in_flight.values() if self._queue.owner_of(shard.request_id) == owner)
+        return self._queue.images_of(owner) + in_flight
+
     def estimated_wait(self, images: int) -> float:
         return self._ledger.estimated_wait(images, self.ready_workers)
 
-    def submit(self, request_id: str, shards: list[ShardTask]) -> RequestHandle:
-        handle = self._ledger.add(request_id, shards)
+    def submit(self, request_id: str, shards: list[ShardTask], owner: str = "") -> RequestHandle:
+        """Queue a request's shards; ``owner`` (an API key's name) is whose turn they take."""
+        handle = self._ledger.add(request_id, shards, owner)
         self._dispatch()
         return handle
 
@@ -167,6 +188,8 @@ class Scheduler:
     # ----- what transports tell us -----------------------------------------------------------
 
     def shard_done(self, message: ShardDone) -> None:
+        for observer in self.observers:
+            observer.shard_done(message)
         key = (message.request_id, message.shard_id)
         self._in_flight.pop(key, None)
         self._losses.pop(key, None)
@@ -176,13 +199,17 @@ class Scheduler:
 
     def shard_failed(self, message: ShardFailed) -> None:
         key = (message.request_id, message.shard_id)
-        self._in_flight.pop(key, None)
+        shard = self._in_flight.pop(key, None)
+        for observer in self.observers:
+            observer.shard_failed(message, shard.size if shard is not None else 0)
         self._losses.pop(key, None)
         self._ledger.shard_failed(message.request_id, message.shard_id, message.error, _reason(message.reason))
         self._dispatch()
 
     def shards_lost(self, shards: list[ShardTask], culprit: ShardTask | None, reason: FailureReason, cause: str) -> None:
         """A worker went away holding ``shards``; ``culprit`` was the one on its device."""
+        for observer in self.observers:
+            observer.shards_lost(shards, culprit, reason, cause)
         for shard in reversed(shards):  # put_front: the first lost goes first again
             key = (shard.request_id, shard.shard_id)
             self._in_flight.pop(key, None)

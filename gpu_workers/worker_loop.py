@@ -145,10 +145,10 @@ class _Encoder:
         self._sender = threading.Thread(target=self._send_all, name="sender", daemon=True)
         self._sender.start()
 
-    def put_images(self, taken: Taken, images: list[Any], warnings: tuple[str, ...], seconds: float) -> None:
+    def put_images(self, taken: Taken, images: list[Any], warnings: tuple[str, ...], seconds: float, peak: int = 0) -> None:
         task = taken.task
         futures = [self._pool.submit(self._encode_image, image, task, offset, self._facts) for offset, image in enumerate(images)]
-        self._backlog.put((taken, (futures, warnings, seconds)))
+        self._backlog.put((taken, (futures, warnings, seconds, peak)))
 
     def put_reply(self, taken: Taken, reply: ShardFailed | None) -> None:
         self._backlog.put((taken, reply))
@@ -172,7 +172,7 @@ class _Encoder:
             return work
         task = taken.task
         assert task is not None
-        futures, warnings, seconds = work
+        futures, warnings, seconds, peak = work
         try:
             encoded = [future.result() for future in futures]
         except Exception as exc:  # noqa: BLE001 - a shard that cannot be encoded fails alone
@@ -180,7 +180,7 @@ class _Encoder:
             return ShardFailed(self._worker_id, task.request_id, task.shard_id, f"Image encoding failed: {exc}")
         images = tuple(data for data, _ in encoded)
         receipts = tuple(text for _, text in encoded)
-        return ShardDone(self._worker_id, task.request_id, task.shard_id, images, warnings, seconds, receipts)
+        return ShardDone(self._worker_id, task.request_id, task.shard_id, images, warnings, seconds, receipts, peak)
 
 
 def serve(
@@ -193,7 +193,7 @@ def serve(
 ) -> int:
     """Run shards until the source stops; returns the number of images made. ``facts`` (the
     worker's half of each image's receipt) default to unknown ones for a fake pipeline."""
-    from gpu_workers.generation import BatchLimit, generate_fitting, truncation_warnings
+    from gpu_workers.generation import BatchLimit, device_memory_peak, generate_fitting, truncation_warnings
 
     limit = BatchLimit()
     watchdog = Watchdog(config.shard_timeout, on_timeout)
@@ -229,7 +229,8 @@ def serve(
                 encoder.put_reply(taken, ShardFailed(config.worker_id, task.request_id, task.shard_id, failure_detail(exc)))
             else:
                 images_done += len(images)
-                encoder.put_images(taken, images, warnings, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                encoder.put_images(taken, images, warnings, seconds, device_memory_peak(config.device))
             finally:
                 watchdog.disarm()
             sink.state(WorkerState.READY, images_done)

@@ -16,6 +16,9 @@ class ErrorSchema(Schema):
         keys=fields.Str(),
         metadata={"description": "Per-field messages, for validation errors only.", "example": {"prompts": ["Missing data for required field."]}},
     )
+    job_id = fields.Str(
+        metadata={"description": "The job the error is about, where there is one (a failed or cancelled job, an Idempotency-Key used for another body).", "example": "3f2b9c4e5d6a47f8a9b0c1d2e3f4a5b6"}
+    )
 
 
 class RootSchema(Schema):

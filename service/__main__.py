@@ -15,6 +15,7 @@ from gpu_workers.scheduler import EngineConfig
 from gpu_workers.speed import SpeedSettings
 from service.app import create_app
 from service.connections import CappedSite, connection_cap, quiet_accept_errors, raise_file_limit
+from service.metrics import METRICS
 from service.keys import JOBS, LIFECYCLE
 from service.settings import Settings, load_settings
 
@@ -51,6 +52,7 @@ async def serve(app: web.Application, settings: Settings, sock: socket.socket) -
     await runner.setup()
     try:
         site = CappedSite(runner, sock, connection_cap(settings.max_connections, raise_file_limit()))
+        app[METRICS].refused_connections = lambda: site.refused
         await site.start()
         log.info("listening on http://%s:%d (docs at /docs); at most %d connections", settings.host, settings.port, site.max_connections)
         await lifecycle.wait_for_stop_request()

@@ -1,8 +1,8 @@
 """One structured line per request, and a request id on every response.
 
-The line is JSON so that log tools can filter it: id, method, route, status, images, duration,
-client address (and X-Forwarded-For, as tunnels set it). Prompts are logged only at debug level,
-elsewhere; keys never.
+The line is JSON so that log tools can filter it: id, method, route, status, images, the API key's
+name, duration, client address (and X-Forwarded-For, as tunnels set it). Prompts are logged only at
+debug level, elsewhere; keys never.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from typing import Any
 
 from aiohttp import web
 
+from service.metrics import observe
+
 log = logging.getLogger("service.access")
 
 REQUEST_ID = "request_id"
 IMAGES = "images"
+# What ``service.auth.refusal`` leaves on a request whose API key matched: the key's name.
+KEY_NAME = "api_key_name"
 
 
 @web.middleware
@@ -37,6 +41,7 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
         status = exc.status
         raise
     finally:
+        observe(request.app, request, status, started)
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
         log.info(
             json.dumps(
@@ -46,6 +51,7 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
                     "route": route,
                     "status": status,
                     "images": request.get(IMAGES, 0),
+                    "key": request.get(KEY_NAME),
                     "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                     "client": request.remote,
                     "forwarded_for": request.headers.get("X-Forwarded-For"),

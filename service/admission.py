@@ -12,8 +12,10 @@ from aiohttp import web
 from contract.batch import SEED_SPACE, BatchSpec
 from contract.formats import parse_size
 from service.access_log import IMAGES
+from service.auth import owner_of
 from service.errors import json_error
 from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
+from service.metrics import METRICS
 
 NO_WORKER_RETRY_AFTER = "10"
 DRAINING_RETRY_AFTER = "30"
@@ -33,7 +35,9 @@ def admit(request: web.Request, data: dict[str, Any]) -> BatchSpec | web.Respons
     if seed is None or seed == -1:
         seed = secrets.randbelow(SEED_SPACE)
     request[IMAGES] = total
-    request.app[JOBS].reserve(total)  # before any await: JobManager.create releases it
+    owner = owner_of(request)
+    request.app[JOBS].reserve(total, owner)  # before any await: JobManager.create releases it
+    request.app[METRICS].accepted.labels(owner).inc(total)
     width, height = parse_size(data["size"])
     return BatchSpec(
         prompts=tuple(data["prompts"]),
@@ -87,7 +91,8 @@ def _refusal(request: web.Request, images: int) -> web.Response | None:
     store = request.app[STORE]
     if store.problem is not None:
         return json_error(507, f"The server {store.problem} now; retry when /health shows storage without a problem.", headers={"Retry-After": NO_WORKER_RETRY_AFTER})
-    pending = request.app[JOBS].pending_images
+    jobs = request.app[JOBS]
+    pending = jobs.pending_images
     need = (pending + images) * store.bytes_per_image
     free = store.free_bytes()
     if need > free:
@@ -96,6 +101,18 @@ def _refusal(request: web.Request, images: int) -> web.Response | None:
             f"The image disk cannot hold this batch: {free / 1e6:.1f} MB free, and {pending + images} image(s) of about "
             f"{store.bytes_per_image / 1e6:.2f} MB each ({need / 1e6:.1f} MB) are to be stored.",
         )
+    share = settings.max_queued_images_per_key
+    if share:
+        owner = owner_of(request)
+        mine = jobs.pending_images_of(owner)
+        if mine + images > share:
+            wait = math.ceil(pool.estimated_wait(mine + images - share))
+            return json_error(
+                429,
+                f"This API key has {mine} image(s) queued and this request would take it past its share of {share}; "
+                f"other keys are still served. Retry in about {wait} s.",
+                headers={"Retry-After": str(max(1, wait))},
+            )
     if pending + images > settings.max_queued_images:
         wait = math.ceil(pool.estimated_wait(pending + images - settings.max_queued_images))
         return json_error(

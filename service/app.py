@@ -29,6 +29,7 @@ from service.json_body import StrictJSONParser
 from service.keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.lifecycle import Lifecycle
 from service.routes import ROUTES
+from service.metrics import METRICS, METRICS_ROUTES, Metrics
 from service.settings import Settings
 from service.ui import UI_ROUTES, page_file_headers
 from service.webhooks import setup_webhooks
@@ -96,11 +97,16 @@ def create_app(settings: Settings, pool: Any) -> web.Application:
     app[API_KEYS] = keys
     app[POOL] = pool
     app[STORE] = ImageStore(settings.image_path, settings.image_retention, settings.image_dir_max_bytes)
-    app[JOBS] = JobManager(JobDatabase(settings.job_db_path), app[STORE], pool)
+    app[METRICS] = Metrics()
+    app[JOBS] = JobManager(JobDatabase(settings.job_db_path), app[STORE], pool, on_first_image=app[METRICS].job_first_image)
+    if hasattr(pool, "observers"):
+        pool.observers.append(app[METRICS])
+    app[METRICS].follow(app)
     app[LIFECYCLE] = Lifecycle()
     app.add_routes(ROUTES)
     app.add_routes(JOB_ROUTES)
     app.add_routes(UI_ROUTES)
+    app.add_routes(METRICS_ROUTES)
     app.on_response_prepare.append(page_file_headers)
     app.cleanup_ctx.append(_run_pool)
     app.cleanup_ctx.append(_run_jobs)

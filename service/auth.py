@@ -6,7 +6,6 @@ the time taken says nothing about how much of a key was right. Keys are never lo
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from typing import Any
 
@@ -15,6 +14,8 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from service.errors import json_error
 from service.keys import API_KEYS, SETTINGS
+from service.access_log import KEY_NAME
+from service.settings import ApiKey
 
 # Routes a monitor or a person needs without a key: health checks, the documentation page and the
 # page of /ui (which asks for the key itself); and the images, whose 128-bit names are their own
@@ -38,41 +39,45 @@ def presented_key(request: web.Request) -> str | None:
 
 
 def owner_of(request: web.Request) -> str:
-    """Whose job a request makes, for ``GET /jobs`` and idempotency keys: a digest of the API key
-    (never the key itself, which must not reach the database or a log), or '' without keys."""
-    if not request.app[API_KEYS]:
-        return ""
-    candidate = presented_key(request) or ""
-    return "key-" + hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    """Whose work a request is, for the fair queue, ``GET /jobs``, idempotency keys, the access log
+    and the metrics: the name of its API key (never the key itself), or '' without keys."""
+    return request.get(KEY_NAME, "")
 
 
-def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:
-    """A header that is not valid text (aiohttp keeps its undecodable bytes as surrogates) matches
-    no key: it is a 401 like any wrong key, never an error of ours."""
+def matching_key(candidate: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
+    """The key ``candidate`` is, compared with every key (no early exit). A header that is not valid
+    text (aiohttp keeps its undecodable bytes as surrogates) matches none: a 401 like any wrong key."""
     supplied = candidate.encode("utf-8", "surrogateescape")
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(supplied, key.encode())
+    matched = None
+    for entry in keys:
+        if hmac.compare_digest(supplied, entry.key.encode()):
+            matched = entry
     return matched
 
 
-def refusal(request: web.Request, keys: tuple[str, ...]) -> web.Response | None:
-    """The 401 for a request that needs a key and has none that matches; None when it may pass."""
-    if not keys or _is_open(request):
+def refusal(request: web.Request, keys: tuple[ApiKey, ...]) -> web.Response | None:
+    """The 401 for a request that needs a key and has none that matches; None when it may pass
+    (and then the request knows its key's name: ``owner_of``)."""
+    if not keys:
         return None
     candidate = presented_key(request)
+    entry = matching_key(candidate, keys) if candidate is not None else None
+    if entry is not None:
+        request[KEY_NAME] = entry.name
+    if _is_open(request):
+        return None
     if candidate is None:
         return json_error(
             401,
             "This server needs an API key: send Authorization: Bearer <key> or X-API-Key: <key>.",
             headers={"WWW-Authenticate": 'Bearer realm="sdxl"'},
         )
-    if not key_matches(candidate, keys):
+    if entry is None:
         return json_error(401, "The API key is not valid.", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     return None
 
 
-def auth_middleware(keys: tuple[str, ...]) -> Any:
+def auth_middleware(keys: tuple[ApiKey, ...]) -> Any:
     @web.middleware
     async def require_key(request: web.Request, handler: Any) -> web.StreamResponse:
         return refusal(request, keys) or await handler(request)

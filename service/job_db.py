@@ -109,6 +109,7 @@ class JobRecord:
     created_at: float
     updated_at: float
     finished_at: float | None
+    owner: str = ""
 
     @property
     def images_total(self) -> int:
@@ -166,7 +167,7 @@ class JobDatabase:
             if key is not None and "idempotency_key" in str(exc):
                 raise IdempotencyKeyTaken(key) from exc
             raise
-        return JobRecord(job_id, QUEUED, spec, 0, None, (), now, now, None)
+        return JobRecord(job_id, QUEUED, spec, 0, None, (), now, now, None, owner)
 
     def by_idempotency_key(self, owner: str, key: str) -> tuple[JobRecord, str] | None:
         """The job an owner's ``Idempotency-Key`` created, and the hash of that request's body."""
@@ -192,6 +193,10 @@ class JobDatabase:
                 f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)
             ).fetchall()
         return [_record(row) for row in rows]
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
 
     def stored_images(self, job_id: str, since: int = 0) -> list[StoredImage]:
         """The job's stored images with index ``since`` and up, in index order."""
@@ -288,9 +293,9 @@ class JobDatabase:
         return removed
 
 
-_COLUMNS = "id, state, spec, images_done, detail, warnings, created_at, updated_at, finished_at"
+_COLUMNS = "id, state, spec, images_done, detail, warnings, created_at, updated_at, finished_at, owner"
 
 
 def _record(row: tuple) -> JobRecord:
-    job_id, state, spec, done, detail, warnings, created, updated, finished = row
-    return JobRecord(job_id, state, BatchSpec.from_json(spec), done, detail, tuple(json.loads(warnings)), created, updated, finished)
+    job_id, state, spec, done, detail, warnings, created, updated, finished, owner = row
+    return JobRecord(job_id, state, BatchSpec.from_json(spec), done, detail, tuple(json.loads(warnings)), created, updated, finished, owner)

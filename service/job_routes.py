@@ -54,7 +54,7 @@ JOB_ID_PARAMETER = [{"in": "path", "name": "job_id", "required": True, "schema":
         503: error_response("Queue full, no worker ready, or shutting down; Retry-After says when to try again", "The server is shutting down and takes no new requests."),
     },
 )
-@request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST)
+@request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST, add_to_refs=True)
 async def create_job(request: web.Request) -> web.Response:
     submitted = await submit(request, request["data"])
     if isinstance(submitted, web.Response):

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from contract.batch import BatchSpec
@@ -84,6 +85,7 @@ class LiveJob:
     images_done: int
     created_at: float
     state: str = QUEUED
+    owner: str = ""  # the API key's name: whose turn its shards take
     warnings: dict[str, None] = field(default_factory=dict)
     listeners: set[asyncio.Queue[JobEvent]] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
@@ -102,14 +104,19 @@ class LiveJob:
 
 
 class JobManager:
-    def __init__(self, db: JobDatabase, store: ImageStore, pool: ShardBackend) -> None:
+    def __init__(
+        self, db: JobDatabase, store: ImageStore, pool: ShardBackend, on_first_image: Callable[[float], None] | None = None
+    ) -> None:
         self.db = db
         self.store = store
         self.pool = pool
+        # Told the seconds from a job's acceptance to its first stored image (the metrics).
+        self._on_first_image = on_first_image
         self._live: dict[str, LiveJob] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._reserved = 0
+        self._reserved_by_owner: dict[str, int] = {}
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -123,7 +130,7 @@ class JobManager:
         records = await asyncio.to_thread(self.db.unfinished)
         for record in records:
             done = await asyncio.to_thread(self.db.image_ids, record.job_id)
-            job = LiveJob(record.job_id, record.spec, len(done), record.created_at, state=record.state)
+            job = LiveJob(record.job_id, record.spec, len(done), record.created_at, state=record.state, owner=record.owner)
             job.warnings.update(dict.fromkeys(record.warnings))
             shards = [
                 shard
@@ -168,10 +175,23 @@ class JobManager:
         it (their job is being written to the database). What the queue bound counts."""
         return self.pool.pending_images + self._reserved
 
-    def reserve(self, images: int) -> None:
+    def pending_images_of(self, owner: str) -> int:
+        """One owner's (API key's) images accepted and unfinished: what the per-key bound counts."""
+        return self.pool.pending_images_of(owner) + self._reserved_by_owner.get(owner, 0)
+
+    def reserve(self, images: int, owner: str = "") -> None:
         """Count an admitted request's images at once, before any ``await``, so that concurrent
         requests cannot all pass the bound; ``create`` hands them to the engine and releases them."""
         self._reserved += images
+        self._reserved_by_owner[owner] = self._reserved_by_owner.get(owner, 0) + images
+
+    def _release(self, images: int, owner: str) -> None:
+        self._reserved -= images
+        left = self._reserved_by_owner.get(owner, 0) - images
+        if left:
+            self._reserved_by_owner[owner] = left
+        else:
+            self._reserved_by_owner.pop(owner, None)
 
     async def create(
         self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None, webhook: WebhookTarget | None = None
@@ -181,11 +201,11 @@ class JobManager:
         ``IdempotencyKeyTaken`` when a request with the same key got there first."""
         try:
             record = await asyncio.to_thread(self.db.create, job_id, spec, owner, idempotency, webhook)
-            job = LiveJob(job_id, spec, 0, record.created_at)
+            job = LiveJob(job_id, spec, 0, record.created_at, owner=owner)
             listener = job.listen()
             self._run(job, split_into_shards(job_id, spec))
         finally:
-            self._reserved -= spec.total_images
+            self._release(spec.total_images, owner)
         return job, listener
 
     async def record(self, job_id: str) -> JobRecord | None:
@@ -233,7 +253,7 @@ class JobManager:
     def _run(self, job: LiveJob, shards: list[ShardTask]) -> None:
         self._live[job.job_id] = job
         self._idle.clear()
-        handle = self.pool.submit(job.job_id, shards) if shards else None
+        handle = self.pool.submit(job.job_id, shards, job.owner) if shards else None
         job.task = asyncio.create_task(self._follow(job, handle), name=f"job-{job.job_id}")
 
     async def _follow(self, job: LiveJob, handle: RequestEvents | None) -> None:
@@ -278,6 +298,8 @@ class JobManager:
             image_ids, job.images_done = await self._store_until_stored(job.job_id, first, event, extension)
             if job.state == QUEUED:
                 job.state = RUNNING
+                if self._on_first_image is not None:
+                    self._on_first_image(time.time() - job.created_at)
             job.warnings.update(dict.fromkeys(event.warnings))
             job.publish(ShardStored(first, event.images, image_ids, event.warnings, job.images_done))
             to_store -= 1

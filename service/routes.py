@@ -149,7 +149,7 @@ async def health(request: web.Request) -> web.Response:
         ),
     },
 )
-@request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST)
+@request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST, add_to_refs=True)
 async def generate(request: web.Request) -> web.StreamResponse:
     with request.app[LIFECYCLE].request():
         submitted = await submit(request, request["data"])

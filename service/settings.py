@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.formats import DEFAULT_ALLOWED_SIZES, DEFAULT_SIZE, parse_size
@@ -51,6 +53,7 @@ class Settings:
     max_prompt_chars: int = setting(2000, "longest prompt, in characters")
     sizes: str = setting(",".join(DEFAULT_ALLOWED_SIZES), "comma-separated WIDTHxHEIGHT sizes a request may ask for; must hold 1024x576, the default")
     max_queued_images: int = setting(600, "most images accepted and not finished; beyond it requests get 503")
+    max_queued_images_per_key: int = setting(0, "most images one API key may have accepted and not finished; beyond it that key gets 429 while others are served (0: no per-key bound)")
     grace_period: float = setting(60.0, "seconds in-flight requests get to finish after SIGTERM")
     heartbeat_interval: float = setting(10.0, "seconds between heartbeat spaces while a request runs")
     image_dir: str = setting("var/images", "folder for the images of every job (served to return_format url requests)")
@@ -59,7 +62,7 @@ class Settings:
     job_db: str = setting("var/jobs.sqlite3", "SQLite database of jobs (survives restarts; unfinished jobs resume)")
     public_url: str = setting("", "base URL for image links (e.g. your ngrok URL); default: from the request")
     api_key: str = setting("", "require this key (Authorization: Bearer or X-API-Key) on every route but /health and /docs", secret=True)
-    api_key_file: str = setting("", "file of accepted API keys, one per line (# comments allowed)")
+    api_key_file: str = setting("", "file of accepted API keys, one per line, as name:key or a bare key (# comments allowed)")
     cors_origins: str = setting("", "comma-separated origins allowed to call the API from a browser, or * (default: none)")
     max_body_bytes: int = setting(2**20, "largest request body; larger ones get 413")
     max_connections: int = setting(512, "most open client connections; one more gets 503 and is closed (kept below the open-file limit)")
@@ -95,21 +98,42 @@ class Settings:
     def job_db_path(self) -> Path:
         return Path(self.job_db)
 
-    def api_keys(self) -> tuple[str, ...]:
+    def api_keys(self) -> tuple[ApiKey, ...]:
         """Every accepted key: ``api_key`` and the lines of ``api_key_file``. Empty: no auth."""
-        keys = [self.api_key] if self.api_key else []
+        lines = [self.api_key] if self.api_key else []
         if self.api_key_file:
             for line in Path(self.api_key_file).read_text().splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    keys.append(line)
-        return tuple(keys)
+                    lines.append(line)
+        return tuple(ApiKey.parse(line) for line in lines)
 
     def allowed_sizes(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(size.strip() for size in self.sizes.split(",") if size.strip()))
 
     def allowed_origins(self) -> tuple[str, ...]:
         return tuple(origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip())
+
+
+KEY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.@-]{0,63}")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An accepted key and the name the logs, the metrics and the fair queue know it by (never the
+    key itself)."""
+
+    name: str
+    key: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, line: str) -> ApiKey:
+        """``name:key`` (a name starts with a letter: letters, digits, ``_.@-``), or a bare key,
+        which is named after a digest of itself (``key-1a2b3c4d``)."""
+        name, separator, key = line.partition(":")
+        if separator and key and KEY_NAME.fullmatch(name):
+            return cls(name, key)
+        return cls("key-" + hashlib.sha256(line.encode()).hexdigest()[:8], line)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +170,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("with --broker, run the workers with python -m gpu_workers --broker URL and start the API with --workers 0")
     if settings.grace_period < 0:
         problems.append("--grace-period must not be negative")
+    if settings.max_queued_images_per_key < 0:
+        problems.append("--max-queued-images-per-key must not be negative (0: no per-key bound)")
     for name in ("shard_timeout", "keepalive_timeout", "body_timeout", "write_timeout"):
         if getattr(settings, name) <= 0:
             problems.append(f"{flag(name)} must be positive")
@@ -165,7 +191,11 @@ def validate(settings: Settings) -> list[str]:
     else:
         if settings.api_key_file and not keys:
             problems.append(f"--api-key-file {settings.api_key_file} holds no key")
-        short = sum(len(key) < MIN_KEY_CHARS for key in keys)
+        short = sum(len(entry.key) < MIN_KEY_CHARS for entry in keys)
+        names = [entry.name for entry in keys]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            problems.append(f"API key names must differ: {', '.join(twice)} name more than one key")
         if short:
             problems.append(
                 f"{short} API key(s) are shorter than {MIN_KEY_CHARS} characters, too easy to guess on a public tunnel; "

@@ -29,7 +29,12 @@ PAGE_HEADERS = {
 }
 
 
-@docs(tags=["info"], summary="A page to generate and download batches in a browser", security=[])
+@docs(
+    tags=["info"],
+    summary="A page to generate and download batches in a browser",
+    security=[],
+    responses={200: {"description": "The page (HTML; its script and style are under /ui/static/)", "content": {"text/html": {"schema": {"type": "string"}}}}},
+)
 async def ui_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(UI_FOLDER / "index.html", headers={**PAGE_HEADERS, "Content-Type": "text/html; charset=utf-8"})
 

@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
+from contract.formats import IMAGE_FORMATS, WEBP
 from gpu_workers.encoding import read_receipt
 from service.app import create_app
 from service.settings import Settings
@@ -85,7 +86,7 @@ async def test_same_seed_same_format_same_bytes_and_default_quality(aiohttp_clie
     first, second = [await (await client.post("/generate", json=body)).json() for _ in range(2)]
     assert first["job_id"] != second["job_id"] and first["images"] == second["images"]
     receipt = read_receipt(base64.b64decode(first["images"][0]))
-    assert receipt["quality"] == {"webp": 85, "jpeg": 90}[image_format] and receipt["seed"] == 5
+    assert receipt["quality"] == IMAGE_FORMATS[image_format].default_quality and receipt["seed"] == 5
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,7 @@ async def test_root_lists_sizes_and_formats(aiohttp_client, tmp_path: Path) -> N
     client, _ = await start(aiohttp_client, tmp_path, sizes="1024x576,576x1024")
     root = await (await client.get("/")).json()
     assert root["sizes"] == ["1024x576", "576x1024"]
-    assert root["formats"]["webp"]["default_quality"] == 85 and root["formats"]["png"]["default_quality"] is None
+    assert root["formats"]["webp"]["default_quality"] == WEBP.default_quality and root["formats"]["png"]["default_quality"] is None
     assert "archive" in root["endpoints"]
 
 

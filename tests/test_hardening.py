@@ -128,7 +128,7 @@ def test_short_keys_are_refused_at_start(argv: list[str], environ: dict[str, str
     with pytest.raises(SystemExit):
         load_settings(argv, environ)
     assert "shorter than 16 characters" in capsys.readouterr().err
-    assert load_settings(["--api-key", KEY], {}).api_keys() == (KEY,)
+    assert [entry.key for entry in load_settings(["--api-key", KEY], {}).api_keys()] == [KEY]
 
 
 # ----- the port, before anything loads --------------------------------------------------------

@@ -19,8 +19,8 @@ class ScriptedBackend:
     def __init__(self) -> None:
         self.ledger = RequestLedger()
 
-    def submit(self, request_id, shards):
-        return self.ledger.add(request_id, shards)
+    def submit(self, request_id, shards, owner=""):
+        return self.ledger.add(request_id, shards, owner)
 
     def abandon(self, request_id: str) -> None:
         self.ledger.abandon(request_id)

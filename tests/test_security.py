@@ -50,30 +50,6 @@ def test_routes_need_a_key(secured: ServerProcess, path: str) -> None:
     assert "WWW-Authenticate" in response.headers
 
 
-def test_an_image_link_opens_in_chromium_on_a_keyed_server(secured: ServerProcess, chromium_path: str) -> None:
-    """A url link goes where no header can be sent (an address bar, an editor's import): on a keyed
-    server it opens without the key, because its 128-bit name is the capability; the job and its
-    archive still need the key."""
-    from playwright.sync_api import sync_playwright
-
-    from tests.test_browser import CHROMIUM_FLAGS, SCREENSHOTS
-
-    answer = post(secured, {"prompts": ["a lighthouse, link test"], "seed": 8, "format": "webp", "return_format": "url"}).json()
-    [url] = answer["images"]
-    assert requests.get(secured.url + f"/jobs/{answer['job_id']}/archive", timeout=10).status_code == 401
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            opened = page.goto(url)
-            assert opened is not None and opened.status == 200 and opened.headers["content-type"] == "image/webp"
-            assert page.evaluate("() => [document.images[0].naturalWidth, document.images[0].naturalHeight]") == [1024, 576]
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOTS / "image-link-keyed-server.png"))
-        finally:
-            browser.close()
-
-
 def test_generate_without_or_with_a_wrong_key_is_401_before_any_work(secured: ServerProcess) -> None:
     assert post(secured, {"prompts": ["x"]}, headers={}).status_code == 401
     wrong = post(secured, {"prompts": ["x"]}, headers=with_key("nope"))
@@ -251,3 +227,30 @@ def test_one_structured_log_line_per_request_without_prompts(secured: ServerProc
     assert line["status"] == 200 and line["images"] == 2
     assert line["duration_ms"] > 0 and line["client"] == "127.0.0.1"
     assert secret_prompt not in secured.log()
+
+
+# ----- last: it makes an image, which the tests above count on not having happened -----------------
+
+
+def test_an_image_link_opens_in_chromium_on_a_keyed_server(secured: ServerProcess, chromium_path: str) -> None:
+    """A url link goes where no header can be sent (an address bar, an editor's import): on a keyed
+    server it opens without the key, because its 128-bit name is the capability; the job and its
+    archive still need the key."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM_FLAGS, SCREENSHOTS
+
+    answer = post(secured, {"prompts": ["a lighthouse, link test"], "seed": 8, "format": "webp", "return_format": "url"}).json()
+    [url] = answer["images"]
+    assert requests.get(secured.url + f"/jobs/{answer['job_id']}/archive", timeout=10).status_code == 401
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            opened = page.goto(url)
+            assert opened is not None and opened.status == 200 and opened.headers["content-type"] == "image/webp"
+            assert page.evaluate("() => [document.images[0].naturalWidth, document.images[0].naturalHeight]") == [1024, 576]
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "image-link-keyed-server.png"))
+        finally:
+            browser.close()

@@ -58,6 +58,23 @@ def test_shard_queue_takes_turns_between_requests() -> None:
     assert queue.images == 4
 
 
+def test_shard_queue_takes_turns_between_owners_then_their_requests() -> None:
+    """Alice's two batches do not get two turns for Bob's one: owners first, then requests."""
+    queue = ShardQueue()
+    queue.add(shards_of("alice-1", prompts=4, per_prompt=1, max_batch=1), owner="alice")
+    queue.add(shards_of("alice-2", prompts=4, per_prompt=1, max_batch=1), owner="alice")
+    queue.add(shards_of("bob-1", prompts=2, per_prompt=1, max_batch=1), owner="bob")
+    assert (queue.images_of("alice"), queue.images_of("bob"), queue.images) == (8, 2, 10)
+    order = [queue.pop().request_id for _ in range(6)]
+    assert order == ["alice-1", "bob-1", "alice-2", "bob-1", "alice-1", "alice-2"]
+    assert (queue.images_of("alice"), queue.images_of("bob")) == (4, 0)
+    lost = shards_of("bob-1", prompts=1, per_prompt=1, max_batch=1)[0]
+    queue.put_front(lost)  # handed back: first, and still Bob's
+    assert queue.images_of("bob") == 1 and queue.pop() is lost
+    queue.forget("alice-1")
+    assert queue.images_of("alice") == 2 and queue.owner_of("alice-1") == ""
+
+
 def test_handed_back_shard_goes_first_and_drop_forgets_a_request() -> None:
     queue = ShardQueue()
     first, second = shards_of("a", prompts=2, per_prompt=1, max_batch=1)

@@ -301,6 +301,8 @@ def _task_fields(**changes: object) -> dict:
         "steps": 8,
         "width": 64,
         "height": 64,
+        "image_format": "png",
+        "quality": None,
     }
     fields.update(changes)
     return fields
@@ -333,7 +335,7 @@ def test_rejects_wrong_container_or_item_type(changes: dict, match: str) -> None
 
 def test_rejects_non_bytes_image() -> None:
     fields = {"worker_id": 0, "request_id": "r", "shard_id": 1, "seconds": 1.0}
-    fields |= {"images": [b"ok", "png"], "warnings": []}
+    fields |= {"images": [b"ok", "png"], "warnings": [], "receipts": [], "peak_memory_bytes": 0}
     with pytest.raises(WireError, match=r"ShardDone\.images\[1\]: expected bytes, got str"):
         decode(pack(envelope("ShardDone", fields)))
 

@@ -19,6 +19,12 @@ is busy / (N * wall), which also charges the request's lead-in (first byte to fi
 and tail (last device end to last response byte).
 
     .venv/bin/python -m benchmarks.device_overlap [--configs a,b,c] [--images 48] [--repeats 1] [--json PATH]
+        [--format png|webp|jpeg [--quality Q]]
+
+``--format`` asks for the images in that format (the request's ``format`` field; ``quality`` with
+``--quality``, else the server's default for the format): the encode stage then writes WebP or JPEG
+instead of PNG, and the device should wait no more for it. Without it the request carries no
+``format`` field, as before the server had one (so PNG).
 
 Configurations: (a) 1 worker at 100 ms/image (the goal: >= 90% busy), (b) 1 worker at 50 ms/image
 (encoding weighs twice as much), (c) 2 workers at 100 ms/image (on a 2-core box the two workers'
@@ -59,6 +65,7 @@ HEARTBEAT_INTERVAL_S = 1.0
 SEED = 1234
 GOAL_CONFIG = "a"
 GOAL_BUSY = 0.90
+EXTENSIONS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}  # the image links' endings, per format
 
 
 @dataclass(frozen=True)
@@ -183,18 +190,31 @@ def prompts(images: int) -> list[str]:
     return [f"{PROMPTS[i % len(PROMPTS)]}, study {i + 1}" for i in range(images // PER_PROMPT)]
 
 
-def generate(url: str, images: int) -> tuple[float, float]:
+def request_body(images: int, image_format: str | None = None, quality: int | None = None) -> dict[str, Any]:
+    """The measured request: ``format`` and ``quality`` only when asked for."""
+    body = batch_body(prompts(images), PER_PROMPT, SEED, "url")
+    if image_format is not None:
+        body["format"] = image_format
+    if quality is not None:
+        body["quality"] = quality
+    return body
+
+
+def generate(url: str, images: int, image_format: str | None = None, quality: int | None = None) -> tuple[float, float]:
     """POST /generate and read the whole answer; (sent, ended) on the monotonic clock."""
-    reply = post_generate(url, batch_body(prompts(images), PER_PROMPT, SEED, "url"), keep_body=True)
+    reply = post_generate(url, request_body(images, image_format, quality), keep_body=True)
     body = json.loads(reply.body or b"{}")
     if reply.status != 200 or body.get("success") is not True or body.get("count") != images:
         raise RuntimeError(f"POST /generate of {images} images: HTTP {reply.status}, {str(body.get('detail', body))[:300]}")
+    extension = EXTENSIONS[image_format or "png"]
+    if any(not str(link).endswith(extension) for link in body.get("images", [])):
+        raise RuntimeError(f"POST /generate asked for {image_format or 'png'}: some image links do not end in {extension} (a server without the format field?)")
     return reply.sent, reply.ended
 
 
-def measure_once(server: OwnServer, trace: Path, images: int, pids: Sequence[int]) -> Run:
+def measure_once(server: OwnServer, trace: Path, images: int, pids: Sequence[int], image_format: str | None = None, quality: int | None = None) -> Run:
     trace.write_bytes(b"")  # the workers append with O_APPEND: truncating between requests is safe
-    sent, ended = generate(server.url, images)
+    sent, ended = generate(server.url, images, image_format, quality)
     intervals = read_trace(trace)
     if not intervals:
         raise RuntimeError(f"the trace {trace} is empty: is {MODEL} the server's model?")
@@ -242,10 +262,10 @@ def run_config(config: Config, args: argparse.Namespace) -> Result:
     server, trace = make_server(config, args.model_cache)
     try:
         pids = start_server(server, config, trace)
-        generate(server.url, WARM_IMAGES)  # first-request paths; not counted
+        generate(server.url, WARM_IMAGES, args.format, args.quality)  # first-request paths; not counted
         runs = []
         for repeat in range(args.repeats):
-            run = measure_once(server, trace, args.images, pids)
+            run = measure_once(server, trace, args.images, pids, args.format, args.quality)
             runs.append(run)
             per_worker = ", ".join(f"{w.busy:.0%} ({w.images} img)" for w in run.workers)
             print(
@@ -290,6 +310,8 @@ def as_json(results: Sequence[Result], args: argparse.Namespace, seconds: float)
         "machine": machine_description(),
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.device_overlap", *sys.argv[1:]]),
         "images": args.images,
+        "format": args.format or "png (no format field)",
+        "quality": args.quality,
         "max_batch": MAX_BATCH,
         "seconds": seconds,
         "goal": {"config": GOAL_CONFIG, "busy": GOAL_BUSY},
@@ -326,6 +348,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=48, help=f"images of the measured request ({PER_PROMPT} per prompt)")
     parser.add_argument("--repeats", type=int, default=1, help="measured requests per configuration (figures are medians)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--format", choices=("png", "webp", "jpeg"), help="the images' format (the request's format field; default: no field, so PNG)"
+    )
+    parser.add_argument("--quality", type=int, help="the request's quality (webp and jpeg; default: the server's default for the format)")
     parser.add_argument("--keep-logs", action="store_true", help="keep each server's temp dir (its log and trace)")
     parser.add_argument(
         "--model-cache", default=str(Path.home() / ".cache" / "sdxl-lightning-server"), help="--model-cache of the servers (unused by the simulated device)"
@@ -338,6 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--images must be a positive multiple of {PER_PROMPT}")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.quality is not None and args.format not in ("webp", "jpeg"):
+        parser.error("--quality needs --format webp or jpeg")
     args.configs = [CONFIGS[name] for name in dict.fromkeys(names)]
     return args
 
@@ -355,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     seconds = time.monotonic() - began
     print(f"\n{table(results)}\n")
-    print(f"{args.images} images per request ({PER_PROMPT} per prompt), --max-batch {MAX_BATCH}, url answers; "
+    quality = "" if args.quality is None else f" quality {args.quality}"
+    print(f"{args.images} images per request ({PER_PROMPT} per prompt), --max-batch {MAX_BATCH}, url answers, "
+          f"format {args.format or 'png (no format field)'}{quality}; "
           f"medians of {args.repeats} run(s); {seconds:.0f} s in all; at the end: {load_line()}")
     if args.json:
         args.json.write_text(json.dumps(as_json(results, args, seconds), indent=2) + "\n")

@@ -10,6 +10,7 @@ Arms, each on the same device, model, image size, step count and seeds:
 - (d) our whole server over HTTP: ``python -m service`` on a loopback port, one request of
   ``--http-images`` images (150) with ``return_format: url``, read as NDJSON so the first image's
   arrival is seen;
+- (x) optional: (c) at its largest ``--max-batch`` with ``--compile off`` (what torch.compile adds);
 - (e) optional: (c) with the fp8 UNet (``--fp8 on``), where torchao and the GPU allow it.
 
 For each row: images/s, ms per image, achieved TFLOP/s and the fraction of the device's peak (the
@@ -67,11 +68,12 @@ SMOKE_MIN_PSNR = 40.0  # dB: float32 on the CPU, channels-last and fused QKV (me
 # Dense bf16 (fp16 on the T4) tensor-core rates from the vendors' datasheets, TFLOP/s.
 DATASHEET_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0, "T4": 65.0}
 # Seconds an arm needs at least (a guess: compile time dominates c and e); skipped below it.
-ARM_MIN_SECONDS = {"a": 30.0, "b": 30.0, "c": 120.0, "d": 60.0, "e": 150.0}
-ARMS = ("a", "b", "c", "d", "e")
+ARM_MIN_SECONDS = {"a": 30.0, "b": 30.0, "x": 45.0, "c": 120.0, "d": 60.0, "e": 150.0}
+ARMS = ("a", "b", "x", "c", "d", "e")  # the order they run in
 ARM_NAMES = {
     "a": "plain diffusers, 1 image/call",
     "b": "plain diffusers, best batch",
+    "x": "worker loop, compile off",
     "c": "worker loop (in process)",
     "d": "server over HTTP",
     "e": "worker loop, fp8 UNet",
@@ -92,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-cache", default=str(Path.home() / ".cache" / "sdxl-lightning-server"), help="model and compile cache")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 1024x576; 256x256 with --smoke)")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps (the server always runs 8)")
-    parser.add_argument("--arms", default="a,b,c,d", help=f"comma-separated, of {','.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ARMS)} (they run in that order)")
     parser.add_argument("--single-images", type=int, default=None, help="(a): timed images (default 8; 3 with --smoke)")
     parser.add_argument("--plain-batches", default=None, help="(b): batches to sweep (default 2,4,8,16; 2,4 with --smoke)")
     parser.add_argument("--plain-repeats", type=int, default=2, help="(b): timed calls per batch (after one warm call)")
@@ -633,6 +635,8 @@ def arm_worker_loop(results: Results, budget: Budget, arm: str) -> None:
     speed = {name: getattr(args, name) for name in SPEED_FLAGS}
     if arm == "e":
         speed["fp8"] = "on"
+    if arm == "x":
+        speed["compile"] = "off"
     settings = SpeedSettings(**{**SpeedSettings().as_fields(), **speed})
     config = WorkerConfig(0, args.device, args.model, args.model_cache, args.cpu_threads, 0.0, **settings.as_fields(),
                           warmup_sizes=(args.size,), max_batch=max(sweep))  # fmt: skip
@@ -658,10 +662,11 @@ def arm_worker_loop(results: Results, budget: Budget, arm: str) -> None:
             with MemoryPeak(args.device) as run_memory:
                 started = time.perf_counter()
                 made = serve(pipe, config, ListSource(tasks), sink, facts=facts)
-                seconds = time.perf_counter() - started
             failures = [reply for _, reply in sink.replies if not isinstance(reply, ShardDone)]
             if failures or made != args.loop_images:
                 raise RuntimeError(f"--max-batch {max_batch}: {made} of {args.loop_images} images, failures: {failures[:2]}")
+            # up to the last reply: serve() itself returns only after one more poll for a shard
+            seconds = max(at for at, _ in sink.replies) - started
             first_s = min(at for at, _ in sink.replies) - started
             scores = []
             for _, reply in sink.replies:
@@ -695,7 +700,7 @@ def free_port() -> int:
 class Server:
     """``python -m service`` on a loopback port, its log in the output folder."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, overrides: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = args.out / "server.log"
         sizes = ",".join(dict.fromkeys(["1024x576", args.size]))  # the server insists on its default size
@@ -710,7 +715,7 @@ class Server:
         else:
             self.argv += ["--workers", "1"]
         for name in SPEED_FLAGS:
-            self.argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+            self.argv += ["--" + name.replace("_", "-"), str((overrides or {}).get(name, getattr(args, name)))]
         self.workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -811,13 +816,27 @@ def psnr_of_urls(urls: dict[int, str], references: dict[int, Any], most: int = 8
     return min(scores) if scores else None
 
 
+def server_overrides(results: Results, budget: Budget) -> tuple[dict[str, str], str]:
+    """Compile off for the server when what is left of the budget would not cover its start: a
+    restart from the compile cache still traces every graph (guessed at a third of (c)'s cold
+    compile) and the request must fit after it."""
+    report = results.reports.get("c")
+    if not report or not report["plan"]["compile"] or budget.seconds <= 0:
+        return {}, ""
+    needed = ARM_MIN_SECONDS["d"] + report["compile_s"] / 3
+    if budget.allows(needed):
+        return {}, ""
+    return {"compile": "off"}, f"; compile off: {budget.left():.0f} s of the budget left, a start from the compile cache needs about {needed:.0f} s"
+
+
 def arm_server(results: Results, budget: Budget) -> None:
     from gpu_workers.speed import SpeedReport
 
     args = results.args
-    print(f"\n== (d) {ARM_NAMES['d']}: {args.http_images} images, --max-batch {args.server_max_batch} ==", flush=True)
+    overrides, why = server_overrides(results, budget)
+    print(f"\n== (d) {ARM_NAMES['d']}: {args.http_images} images, --max-batch {args.server_max_batch}{why} ==", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-throughput-") as tmp:
-        server = Server(args, Path(tmp))
+        server = Server(args, Path(tmp), overrides)
         try:
             started = time.perf_counter()
             server.start()
@@ -830,7 +849,7 @@ def arm_server(results: Results, budget: Budget) -> None:
             with MemoryPeak(args.device, pids=lambda: pids) as memory:
                 first_s, seconds, count, urls = generate_ndjson(server.url, args.http_images, args)
             score = psnr_of_urls(urls, results.references)
-            notes = f"ready in {ready_s:.1f} s (process start, load, warm-up); url answers, NDJSON"
+            notes = f"ready in {ready_s:.1f} s (process start, load, warm-up); url answers, NDJSON{why}"
             results.add(Row("d", ARM_NAMES["d"], args.server_max_batch, count, seconds, first_image_s=first_s,
                             warmup_s=report.warmup_s if report else None, compile_s=report.compile_s if report else None,
                             peak_memory_bytes=memory.peak, psnr_db=score, notes=notes))  # fmt: skip
@@ -858,12 +877,12 @@ def run(args: argparse.Namespace) -> Results:
     steps: list[tuple[str, Callable[[], None]]] = []
     if "a" in args.arms or "b" in args.arms:
         steps.append(("a" if "a" in args.arms else "b", lambda: arms_plain(results, budget)))
-    for arm in ("c", "e"):
+    for arm in ("x", "c", "e"):
         if arm in args.arms:
             steps.append((arm, lambda arm=arm: arm_worker_loop(results, budget, arm)))
     if "d" in args.arms:
         steps.append(("d", lambda: arm_server(results, budget)))
-    steps.sort(key=lambda step: "abcde".index(step[0]) if step[0] != "e" else 9)  # the optional fp8 arm goes last
+    steps.sort(key=lambda step: ARMS.index(step[0]))
     for arm, step in steps:
         if not budget.allows(ARM_MIN_SECONDS[arm]):
             results.skipped[arm] = f"{budget.left():.0f} s of the budget left, it needs about {ARM_MIN_SECONDS[arm]:.0f} s"
@@ -879,6 +898,10 @@ def run(args: argparse.Namespace) -> Results:
                 continue
         try:
             step()
+        except KeyboardInterrupt:  # the GPU window's time is up: keep what was measured
+            results.failed[arm] = "interrupted: the run's time was up"
+            results.write()
+            break
         except Exception as exc:  # noqa: BLE001 - one arm's failure must not lose the others
             import traceback
 

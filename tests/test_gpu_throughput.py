@@ -30,9 +30,11 @@ def test_smoke_runs_every_arm(tmp_path: Path, model_cache: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "gpu_throughput.json").read_text())
     rows = data["rows"]
-    assert [(row["arm"], row["batch"] if row["arm"] != "b" else "best") for row in rows] == [("a", 1), ("b", "best"), ("c", 1), ("c", 2), ("d", 2)]
+    assert [(row["arm"], row["batch"] if row["arm"] != "b" else "best") for row in rows] == [
+        ("a", 1), ("b", "best"), ("x", 2), ("c", 1), ("c", 2), ("d", 2)
+    ]  # fmt: skip
     assert [row["batch"] for row in data["plain_sweep"]] == [2, 4]
-    assert not data["failed"] and not data["skipped"]
+    assert not data["failed"] and list(data["skipped"]) == ["e"] and "CUDA" in data["skipped"]["e"]  # fp8: no GPU here
     for row in rows:
         assert row["images"] > 0 and row["images_per_s"] > 0 and row["tflops"] > 0 and row["peak_memory_bytes"] > 0
         assert row["first_image_s"] is not None and row["warmup_s"] is not None

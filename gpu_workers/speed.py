@@ -7,7 +7,8 @@ shards, each piece a setting whose default is right on CUDA and harmless on the 
 - ``channels_last``: the UNet's and the VAE's convolutions read NHWC, the layout the tensor cores'
   convolution kernels want (no transposes around every convolution).
 - ``fuse_qkv``: one matrix product for an attention's query, key and value (key and value in
-  cross-attention) instead of three (diffusers' ``fuse_qkv_projections``).
+  cross-attention) instead of three (diffusers' ``fuse_qkv_projections``); the separate weights
+  diffusers keeps beside the fused ones are dropped (1.3 GB of SDXL's UNet in bfloat16).
 - ``compile``: ``torch.compile`` of the UNet and of the VAE decoder. Only the batch dimension may
   vary between calls (every other dimension is marked static), so each image size costs two graphs
   (batch 1, which torch always specialises, and every larger batch) and a shard of any size then
@@ -474,6 +475,9 @@ def apply(pipe: Any, plan: SpeedPlan, report: SpeedReport) -> None:
             pipe.fuse_qkv_projections()
         except (ValueError, AttributeError) as exc:
             report.notes.append(f"fuse_qkv skipped: {exc}")
+        else:
+            drop_unfused_projections(pipe.unet)
+            drop_unfused_projections(pipe.vae)
     if plan.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -485,6 +489,26 @@ def apply(pipe: Any, plan: SpeedPlan, report: SpeedReport) -> None:
     for target in plan.compile_targets:
         compile_module(module_at(pipe, target), plan.compile_mode)
     report.apply_s = time.perf_counter() - started
+
+
+def drop_unfused_projections(model: Any) -> int:
+    """Remove the separate projections that fused attention no longer reads (diffusers keeps them:
+    0.65 B parameters in SDXL's UNet, 1.3 GB in bfloat16). A self-attention reads ``to_qkv``, a
+    cross-attention ``to_q`` and ``to_kv``. Returns the parameters freed; the model can no longer
+    be unfused."""
+    freed = 0
+    for module in list(model.modules()):
+        if not getattr(module, "fused_projections", False):
+            continue
+        unused = ("to_q", "to_k", "to_v") if getattr(module, "to_qkv", None) is not None else ("to_k", "to_v")
+        if getattr(module, "to_qkv", None) is None and getattr(module, "to_kv", None) is None:
+            continue
+        for name in unused:
+            layer = getattr(module, name, None)
+            if layer is not None:
+                freed += sum(p.numel() for p in layer.parameters())
+                delattr(module, name)
+    return freed
 
 
 def warmup_tasks(warmup: str, sizes: Iterable[str], max_batch: int) -> list[Any]:

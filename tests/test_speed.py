@@ -158,11 +158,14 @@ def test_worker_start_applies_the_settings_and_warms_up_every_pair(model_cache: 
 @pytest.mark.parametrize("setting", ["channels_last", "fuse_qkv"])
 def test_layout_and_fusion_keep_the_images(setting: str, model_cache: Path, reference: list[Any]) -> None:
     pipe = load_pipeline("tiny", "cpu", model_cache)
+    parameters = sum(p.numel() for p in pipe.unet.parameters())
     speed.apply(pipe, cpu_plan(**{setting: True}), speed.SpeedReport({}))
     if setting == "channels_last":
         assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     else:
         assert pipe.fusing_unet
+        # the separate projections are gone: fusing costs no memory
+        assert sum(p.numel() for p in pipe.unet.parameters()) == parameters
     assert worst_psnr(reference, generate_images(pipe, task())) >= SAME_PRECISION_PSNR
 
 

@@ -754,9 +754,16 @@ class Server:
             time.sleep(0.25)
         raise RuntimeError(f"no worker ready after {timeout:.0f} s; see server.log:\n{self.log_tail()}")
 
-    def worker_pids(self) -> list[int]:
-        health = self.health() or {}
-        return [int(w["pid"]) for w in health.get("workers", []) if w.get("pid")]
+    def process_tree(self) -> list[int]:
+        """The server's process and its children (the workers)."""
+        import psutil
+
+        if self.process is None or self.process.poll() is not None:
+            return []
+        try:
+            return [self.process.pid, *(child.pid for child in psutil.Process(self.process.pid).children(recursive=True))]
+        except psutil.Error:
+            return [self.process.pid]
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -837,19 +844,21 @@ def arm_server(results: Results, budget: Budget) -> None:
     print(f"\n== (d) {ARM_NAMES['d']}: {args.http_images} images, --max-batch {args.server_max_batch}{why} ==", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-throughput-") as tmp:
         server = Server(args, Path(tmp), overrides)
+        # Peak memory from before the start to the end of the request: on CUDA the device's use
+        # beyond this process's, on the CPU the RSS of the server's processes (API and worker).
+        memory = MemoryPeak(args.device, pids=server.process_tree, interval=0.2)
         try:
             started = time.perf_counter()
-            server.start()
-            server.wait_ready(timeout=min(1800.0, max(60.0, budget.left() - 30.0)))
-            ready_s = time.perf_counter() - started
+            with memory:
+                server.start()
+                server.wait_ready(timeout=min(1800.0, max(60.0, budget.left() - 30.0)))
+                ready_s = time.perf_counter() - started
+                print(f"   ready in {ready_s:.1f} s", flush=True)
+                first_s, seconds, count, urls = generate_ndjson(server.url, args.http_images, args)
             report = SpeedReport.from_log(server.log_path.read_text(errors="replace"))
             results.reports["d"] = asdict(report) if report else None
-            pids = server.worker_pids()
-            print(f"   ready in {ready_s:.1f} s", flush=True)
-            with MemoryPeak(args.device, pids=lambda: pids) as memory:
-                first_s, seconds, count, urls = generate_ndjson(server.url, args.http_images, args)
             score = psnr_of_urls(urls, results.references)
-            notes = f"ready in {ready_s:.1f} s (process start, load, warm-up); url answers, NDJSON{why}"
+            notes = f"ready in {ready_s:.1f} s (process start, load, warm-up); url answers, NDJSON; memory: start and request{why}"
             results.add(Row("d", ARM_NAMES["d"], args.server_max_batch, count, seconds, first_image_s=first_s,
                             warmup_s=report.warmup_s if report else None, compile_s=report.compile_s if report else None,
                             peak_memory_bytes=memory.peak, psnr_db=score, notes=notes))  # fmt: skip

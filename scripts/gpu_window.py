@@ -20,12 +20,13 @@ sizes on the CPU)::
 those that the box lacks too (versions: this venv's, which the tests ran with), plus torchao for
 the opt-in fp8 path: ``.whl/missing/``. A second group, ``.whl/fallback/``, holds our pinned
 versions of packages the box has in a version of its own (transformers, aiohttp, Pillow and what
-they need); ``run`` installs it only when the box's own versions fail the import check.
+they need): ``run`` puts them first, so the box runs what the tests ran, and falls back to the
+box's own versions only if the import check fails with ours.
 ``.whl/manifest.json`` names every file with its version and sha256.
 
-``run`` installs ``.whl/missing`` into a target folder with ``pip --no-index --no-deps
---target`` (never into the box's site-packages), puts it first on ``PYTHONPATH``, checks that
-the server, the worker and the benchmark import (with the fallback group if they do not), writes
+``run`` installs each group into a folder of its own under a target folder with ``pip
+--no-index --no-deps --target`` (never into the box's site-packages), puts them first on
+``PYTHONPATH``, checks that the server, the worker and the benchmark import, writes
 ``OUT/versions.txt``, then runs ``python -m benchmarks.gpu_throughput`` (which builds the
 sdxl-synthetic model on the GPU in each process that needs it) with a time budget so that the
 whole command ends in under 8 minutes; the benchmark writes ``OUT/gpu_throughput.json``,
@@ -261,19 +262,22 @@ def run(args: argparse.Namespace) -> int:
     python = args.python or sys.executable
     target = Path(args.target).resolve()
     log(f"GPU window: {python} in {REPO}, target {target}, results in {out}" + (" (smoke)" if args.smoke else ""))
-    install(python, MISSING, target, log)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(REPO)]), "PYTHONUNBUFFERED": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
-    ok, report = preflight(python, env, log)
-    if not ok:
-        if args.no_fallback:
-            return 3
-        log("installing our pinned versions of the box's own packages (.whl/fallback) and checking again")
-        install(python, FALLBACK, target, log)
+    install(python, MISSING, target / MISSING, log)
+    layers = [[target / MISSING]]  # the box's own versions of what it has
+    if not args.no_fallback:
+        install(python, FALLBACK, target / FALLBACK, log)
+        layers.insert(0, [target / FALLBACK, target / MISSING])  # preferred: our pinned versions of those too
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    for layer in layers:
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, layer), str(REPO)])
+        log(f"import check with PYTHONPATH={env['PYTHONPATH']}")
         ok, report = preflight(python, env, log)
-        if not ok:
-            (out / "versions.txt").write_text(f"import check failed:\n{report}\n")
-            return 3
+        if ok:
+            break
+    else:
+        (out / "versions.txt").write_text(f"import check failed:\n{report}\n")
+        return 3
     (out / "versions.txt").write_text(report + "\n" + gpu_listing() + "\n")
     log(f"import check passed: {' '.join(line.strip() for line in report.splitlines() if line.strip() not in '{}')}")
     budget = min(args.budget_s, deadline - time.monotonic() - 45.0)
@@ -322,9 +326,9 @@ def imported_distributions() -> dict[str, str]:
 
 
 def rehearse(args: argparse.Namespace) -> int:
-    """``run --smoke`` here, into a throwaway target: the same install and import steps as there.
-    The fallback wheels are CPython 3.12 builds that cannot install on this Python; their files
-    and tags are checked instead."""
+    """``run --smoke`` here, into a throwaway target: the same install and import steps as there,
+    but for the fallback wheels, CPython 3.12 builds that cannot install on this Python (3.11):
+    their files, hashes and tags are checked instead."""
     manifest = json.loads((WHEELS / "manifest.json").read_text())
     for group, items in manifest.items():
         for item in items:
@@ -362,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--python", default=None, help="the Python with torch (default: this one)")
         sub.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "sdxl-window-cache"), help="model and compile cache")
         sub.add_argument("--smoke", action="store_true", help="the CPU smoke sizes (as rehearse does)")
-        sub.add_argument("--no-fallback", action="store_true", help="fail instead of installing the fallback wheels")
+        sub.add_argument("--no-fallback", action="store_true", help="leave .whl/fallback out: the box's own transformers, aiohttp, Pillow")
         sub.add_argument("--budget-s", type=float, default=BENCHMARK_BUDGET_S, help="the benchmark's budget")
         sub.add_argument("--window-s", type=float, default=WINDOW_SECONDS, help="the whole command's limit")
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -77,6 +77,7 @@ class Plan:
     max_images_per_request: int
     image_format: str | None = None
     quality: int | None = None
+    size: str | None = None
 
     @property
     def total_images(self) -> int:
@@ -126,6 +127,8 @@ class Plan:
             body["format"] = self.image_format
         if self.quality is not None:
             body["quality"] = self.quality
+        if self.size is not None:
+            body["size"] = self.size
         return body
 
     def shot_of(self, index: int) -> Shot:
@@ -176,6 +179,13 @@ def _image_format(text: str) -> str:
     return name
 
 
+def _size(text: str) -> str:
+    width, _, height = text.strip().lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT, such as 1024x576 or 576x1024, not {text!r}")
+    return f"{int(width)}x{int(height)}"
+
+
 def _quality(text: str) -> int:
     try:
         value = int(text)
@@ -215,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--guidance-scale", type=float, help="classifier-free guidance (default: the server's, 0)")
     add("--format", type=_image_format, dest="image_format", metavar="{png,webp,jpeg}",
         help="image format: png (lossless, about 1 MB at 1024x576), webp or jpeg (a tenth of that) (default: the server's, png)")
+    add("--size", type=_size, metavar="WxH",
+        help="image size: 1024x576 (16:9), 576x1024 (9:16, Shorts/Reels) or 1024x1024; what the server allows is in its GET / (default: the server's, 1024x576)")
     add("--quality", type=_quality, metavar="1-100",
-        help="quality of webp and jpeg images, 1 to 100 (default: the server's, 85 for webp and 90 for jpeg)")
+        help="quality of webp and jpeg images, 1 to 100 (default: the server's, 85 for webp and jpeg)")
     add("--job", type=_job_id, metavar="ID",
         help="fetch the images of job ID (a run you interrupted, or any job of yours) instead of sending its batch again; "
              "with a prompts file and the --seed of the run that started it, the files get the file's names and the run "
@@ -466,7 +478,7 @@ def resume_command(args: argparse.Namespace, plan: Plan | None, job_id: str) -> 
         if plan.max_images_per_request != DEFAULT_MAX_IMAGES:
             parts += ["--max-images-per-request", str(plan.max_images_per_request)]
         for flag, value in (("--negative-prompt", plan.negative_prompt), ("--guidance-scale", plan.guidance_scale),
-                            ("--format", plan.image_format), ("--quality", plan.quality)):
+                            ("--format", plan.image_format), ("--quality", plan.quality), ("--size", plan.size)):
             if value is not None:
                 parts += [flag, str(value)]
     if args.quiet:
@@ -516,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_images_per_request=args.max_images_per_request,
                 image_format=args.image_format,
                 quality=args.quality,
+                size=args.size,
             )
             if args.seed is None and args.job is None and not args.quiet:
                 print(f"sdxl-client: seed {plan.seed} (pass --seed {plan.seed} to make the same images again)", file=sys.stderr)

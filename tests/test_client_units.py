@@ -151,7 +151,9 @@ def test_format_and_quality_reach_the_request_body() -> None:
     args = parse_args(["p.txt", "--format", "JPG", "--quality", "1"])
     assert (args.image_format, args.quality) == ("jpeg", 1)
     plain = _plan((Shot("a"),)).body(chunk)
-    assert "format" not in plain and "quality" not in plain, "without the options, the body an old server knows"
+    assert "format" not in plain and "quality" not in plain and "size" not in plain, "without the options, the body an old server knows"
+    assert _plan((Shot("a"),), size="576x1024").body(chunk)["size"] == "576x1024"
+    assert parse_args(["p.txt", "--size", "576X1024"]).size == "576x1024"
 
 
 @pytest.mark.parametrize(
@@ -163,6 +165,7 @@ def test_format_and_quality_reach_the_request_body() -> None:
         (["p.txt", "--format", "jpeg", "--quality", "high"], "argument --quality: must be a whole number from 1 to 100, not 'high'"),
         (["p.txt", "--quality", "80"], "--quality applies to --format webp or jpeg; PNG is lossless and takes none"),
         (["p.txt", "--format", "png", "--quality", "80"], "--quality applies to --format webp or jpeg; PNG is lossless and takes none"),
+        (["p.txt", "--size", "big"], "argument --size: must be WIDTHxHEIGHT, such as 1024x576 or 576x1024, not 'big'"),
         (["--job", "../etc"], "argument --job: '../etc' is not a job id"),
         ([], "give a prompts file, or --job ID to fetch the images of a job"),
     ],

@@ -824,9 +824,11 @@ def psnr_of_urls(urls: dict[int, str], references: dict[int, Any], most: int = 8
 
 
 def server_overrides(results: Results, budget: Budget) -> tuple[dict[str, str], str]:
-    """Compile off for the server when what is left of the budget would not cover its start: a
-    restart from the compile cache still traces every graph (guessed at a third of (c)'s cold
-    compile) and the request must fit after it."""
+    """Compile off for the server when (c) failed with it, or when what is left of the budget would
+    not cover its start: a restart from the compile cache still traces every graph (guessed at a
+    third of (c)'s cold compile) and the request must fit after it."""
+    if "c" in results.failed and results.args.compile != "off":
+        return {"compile": "off"}, f"; compile off: (c) failed with it ({results.failed['c'][:120]})"
     report = results.reports.get("c")
     if not report or not report["plan"]["compile"] or budget.seconds <= 0:
         return {}, ""

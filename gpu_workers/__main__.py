@@ -39,7 +39,7 @@ from gpu_workers.redis_protocol import (
     redacted,
 )
 from gpu_workers.shard_rules import DEFAULT_SHARD_TIMEOUT, RestartBackoff
-from gpu_workers.speed import SpeedSettings, announced_shapes, speed_setting
+from gpu_workers.speed import SpeedFlags, SpeedSettings, announced_shapes
 from gpu_workers.worker_loop import EXIT_SHARD_TIMEOUT
 from gpu_workers.remote_worker import (
     EXIT_REFUSED,
@@ -59,7 +59,7 @@ FOLLOW_THE_SERVER = ("", "auto")
 
 
 @dataclass(frozen=True)
-class LaunchSettings:
+class LaunchSettings(SpeedFlags):
     broker: str = setting("", "Redis URL of the API server's broker, e.g. redis://:PASSWORD@host:6379/0 (required)", secret=True)
     devices: str = setting("auto", "comma-separated CUDA devices (cuda:0,cuda:1 or 0,1); auto = every CUDA device")
     workers: int = setting(1, "number of CPU workers where there is no CUDA device")
@@ -74,15 +74,6 @@ class LaunchSettings:
         "seconds a shard whose worker died (its heartbeat stopped) waits before another worker takes it over",
     )
     broker_prefix: str = setting(DEFAULT_PREFIX, "prefix of every Redis key: the same as the API server's --broker-prefix")
-    # The speed settings, as python -m service has them (gpu_workers/speed.py); the sizes and the
-    # shard size a full warm-up covers come from the API server's announcement.
-    dtype: str = speed_setting("dtype")
-    channels_last: str = speed_setting("channels_last")
-    fuse_qkv: str = speed_setting("fuse_qkv")
-    compile: str = speed_setting("compile")
-    compile_mode: str = speed_setting("compile_mode")
-    fp8: str = speed_setting("fp8")
-    warmup: str = speed_setting("warmup")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
 

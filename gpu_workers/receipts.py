@@ -35,6 +35,10 @@ class WorkerFacts:
     device_name: str
     torch_version: str
     diffusers_version: str
+    # What the speed settings did that changes the bytes (``gpu_workers.speed``): the precision, and
+    # the layout, fusion, compile and fp8 choices, e.g. "channels_last,fuse_qkv,compile=unet+vae".
+    dtype: str = UNKNOWN
+    speed: str = ""
 
     @classmethod
     def unknown(cls, model: str, device_name: str = "cpu") -> WorkerFacts:
@@ -139,6 +143,19 @@ def model_fingerprint(model: str, model_cache: Path) -> str:
     return UNKNOWN
 
 
-def worker_facts(model: str, model_cache: Path, device_name: str) -> WorkerFacts:
+def speed_summary(plan: dict[str, Any]) -> str:
+    """The byte-changing choices of a speed plan (``SpeedPlan.describe()``), as one short text."""
+    parts = [name for name in ("channels_last", "fuse_qkv", "fp8") if plan.get(name)]
+    if plan.get("compile"):
+        parts.append("compile=" + "+".join(plan["compile"]))
+    return ",".join(parts)
+
+
+def worker_facts(model: str, model_cache: Path, device_name: str, plan: dict[str, Any] | None = None) -> WorkerFacts:
+    """The facts of a worker whose pipeline ``plan`` (``SpeedPlan.describe()``) set up; without a
+    plan, the plain float32 path of the CPU (the tests' reference generation)."""
     torch_version, diffusers_version = library_versions()
-    return WorkerFacts(model, model_fingerprint(model, model_cache), device_name, torch_version, diffusers_version)
+    plan = plan or {"dtype": "float32"}
+    return WorkerFacts(
+        model, model_fingerprint(model, model_cache), device_name, torch_version, diffusers_version, plan.get("dtype", UNKNOWN), speed_summary(plan)
+    )

@@ -124,6 +124,20 @@ def speed_setting(name: str) -> Any:
     return setting(getattr(_DEFAULTS, name), HELP[name])
 
 
+@dataclass(frozen=True)
+class SpeedFlags:
+    """The speed settings as fields of a settings class, with their flags, ``SDXL_*`` variables and
+    help: ``python -m service`` and ``python -m gpu_workers`` inherit them, one declaration for both."""
+
+    dtype: str = speed_setting("dtype")
+    channels_last: str = speed_setting("channels_last")
+    fuse_qkv: str = speed_setting("fuse_qkv")
+    compile: str = speed_setting("compile")
+    compile_mode: str = speed_setting("compile_mode")
+    fp8: str = speed_setting("fp8")
+    warmup: str = speed_setting("warmup")
+
+
 def compile_targets(value: str, device_type: str) -> tuple[str, ...]:
     """The modules ``--compile`` names: ``auto`` is every target on CUDA and none elsewhere."""
     value = value.strip()

@@ -58,10 +58,10 @@ def load_for_worker(config: WorkerConfig) -> tuple[Any, WorkerFacts]:
     from gpu_workers.loading import load_pipeline
 
     device_name = _prepare_device(config)
-    pipe, _ = speed.prepare(
+    pipe, report = speed.prepare(
         config, device_name, lambda dtype: load_pipeline(config.model, config.device, Path(config.model_cache), dtype), generate_images
     )
-    return pipe, worker_facts(config.model, Path(config.model_cache), device_name)
+    return pipe, worker_facts(config.model, Path(config.model_cache), device_name, report.plan)
 
 
 def quiet_libraries() -> None:

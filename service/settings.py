@@ -19,14 +19,17 @@ from contract.formats import DEFAULT_ALLOWED_SIZES, DEFAULT_SIZE, parse_size
 from gpu_workers.flag_settings import build_parser as build_settings_parser
 from gpu_workers.flag_settings import flag, parse, setting
 from gpu_workers.shard_rules import DEFAULT_SHARD_TIMEOUT
-from gpu_workers.speed import SpeedSettings, speed_setting
+from gpu_workers.speed import SpeedFlags, SpeedSettings
 
 # Shorter keys are too easy to guess for a server that anyone on its tunnel URL can reach.
 MIN_KEY_CHARS = 16
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(SpeedFlags):
+    """Every setting of ``python -m service``; the workers' speed settings (``--dtype``, ``--compile``,
+    ...; README "GPU speed") come from ``SpeedFlags``, shared with ``python -m gpu_workers``."""
+
     host: str = setting("0.0.0.0", "address to listen on")
     port: int = setting(8000, "port to listen on")
     model: str = setting(
@@ -41,14 +44,6 @@ class Settings:
     shard_timeout: float = setting(
         DEFAULT_SHARD_TIMEOUT, "seconds a shard may run on a device; past it the worker is replaced and the shard retried once elsewhere"
     )
-    # The workers' speed settings (gpu_workers/speed.py; README "GPU speed"): auto is decided by the device.
-    dtype: str = speed_setting("dtype")
-    channels_last: str = speed_setting("channels_last")
-    fuse_qkv: str = speed_setting("fuse_qkv")
-    compile: str = speed_setting("compile")
-    compile_mode: str = speed_setting("compile_mode")
-    fp8: str = speed_setting("fp8")
-    warmup: str = speed_setting("warmup")
     max_images: int = setting(150, "most images per request (prompts x num_images_per_prompt)")
     max_prompt_chars: int = setting(2000, "longest prompt, in characters")
     sizes: str = setting(",".join(DEFAULT_ALLOWED_SIZES), "comma-separated WIDTHxHEIGHT sizes a request may ask for; must hold 1024x576, the default")

@@ -26,7 +26,6 @@ import requests
 from PIL import Image
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from tests.conftest import REFERENCE_PORT
 from tests.debian_packages import PROBLEMS
 from tests.server_process import REPO, ServerProcess
 
@@ -153,17 +152,3 @@ def test_try_it_out_with_an_api_key_needs_authorize(start_server, page: Page) ->
     assert "Authorization: Bearer docs-page-key-0123456789" in operation.locator(".curl-command").inner_text()
 
 
-def test_reference_fetch_example_renders_its_image_in_a_real_page(server: ServerProcess, page: Page) -> None:
-    """fetch.js, verbatim, as a <script> in a page of the server's own origin: the example calls
-    http://localhost:8000 with a JSON body, which from any other origin would need CORS."""
-    if server.port != REFERENCE_PORT:
-        pytest.skip(f"port {REFERENCE_PORT} was taken when the server started; the example hard-codes it")
-    page.goto(f"http://localhost:{REFERENCE_PORT}/docs")
-    page.add_script_tag(content=(CLIENTS / "fetch.js").read_text())
-    image = page.locator("body > img[src^='data:image/png;base64,']")
-    image.wait_for(timeout=RESPONSE_TIMEOUT_MS)
-    image.evaluate("img => img.decode()")
-    image.scroll_into_view_if_needed()
-    _screenshot(page, "reference-fetch-example.png")
-    assert image.count() == 1
-    assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 576]

@@ -1,7 +1,7 @@
 """The reference description's client examples, copied verbatim, run against a live server.
 
-They hard-code http://localhost:8000, so they run against the session's ``server``, which takes port
-8000 whenever it is free; if something else held the port when the session started, they skip.
+They hard-code http://localhost:8000, so they run against ``reference_server`` (tests/conftest.py) on that port;
+if something else holds the port, they skip.
 """
 
 from __future__ import annotations
@@ -16,18 +16,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from playwright.sync_api import Page
 
 from tests.conftest import REFERENCE_PORT
+from tests.test_browser import RESPONSE_TIMEOUT_MS, _screenshot, browser, chromium_path, page  # noqa: F401 - fixtures
 from tests.server_process import ServerProcess
 
 CLIENTS = Path(__file__).parent / "reference_clients"
-
-
-@pytest.fixture
-def reference_server(server: ServerProcess) -> ServerProcess:
-    if server.port != REFERENCE_PORT:
-        pytest.skip(f"port {REFERENCE_PORT} was taken when the server started; the examples hard-code it")
-    return server
 
 
 def test_python_requests_example_saves_pngs(reference_server: ServerProcess, tmp_path: Path) -> None:
@@ -60,3 +55,17 @@ def test_javascript_fetch_example_appends_an_img_per_image(reference_server: Ser
     assert result.returncode == 0, result.stderr
     appended = json.loads(result.stdout.strip().splitlines()[-1])["images"]
     assert [(img["tag"], img["width"], img["height"]) for img in appended] == [("IMG", 1024, 576)]
+
+
+def test_reference_fetch_example_renders_its_image_in_a_real_page(reference_server: ServerProcess, page: Page) -> None:
+    """fetch.js, verbatim, as a <script> in a page of the server's own origin: the example calls
+    http://localhost:8000 with a JSON body, which from any other origin would need CORS."""
+    page.goto(f"http://localhost:{REFERENCE_PORT}/docs")
+    page.add_script_tag(content=(CLIENTS / "fetch.js").read_text())
+    image = page.locator("body > img[src^='data:image/png;base64,']")
+    image.wait_for(timeout=RESPONSE_TIMEOUT_MS)
+    image.evaluate("img => img.decode()")
+    image.scroll_into_view_if_needed()
+    _screenshot(page, "reference-fetch-example.png")
+    assert image.count() == 1
+    assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1024, 576]

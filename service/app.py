@@ -41,12 +41,18 @@ DOCS_URL = "/docs"
 EVICTION_PERIOD = 60.0  # at most; shorter when the retention time is short
 
 
+# How long stopping workers may take: they finish the shard on their device and exit; after a stop
+# that was cut short (a second SIGTERM, the grace period's end) they get a moment, then are killed.
+WORKERS_STOP_SECONDS = 10.0
+WORKERS_STOP_NOW_SECONDS = 1.0
+
+
 async def _run_pool(app: web.Application) -> AsyncIterator[None]:
     """The pool lives exactly as long as the app: started before serving, stopped after."""
     pool = app[POOL]
     await pool.start()
     yield
-    await pool.stop()
+    await pool.stop(WORKERS_STOP_NOW_SECONDS if app[LIFECYCLE].cut_short else WORKERS_STOP_SECONDS)
 
 
 async def _run_jobs(app: web.Application) -> AsyncIterator[None]:

@@ -20,6 +20,9 @@ class Lifecycle:
         self._idle.set()
         self._stop_now = asyncio.Event()
         self._stop_requested = asyncio.Event()
+        # The drain was cut short (a second signal, or the grace period ended): the workers are
+        # not waited for either; what they were running resumes with its job after the restart.
+        self.cut_short = False
 
     @property
     def active_requests(self) -> int:
@@ -73,4 +76,5 @@ class Lifecycle:
         finally:
             idle.cancel()
             now.cancel()
-        return idle in done
+        self.cut_short = idle not in done
+        return not self.cut_short

@@ -153,6 +153,21 @@ async def test_archive_manifest_matches_its_files_and_since_gives_the_rest(aioht
     assert empty.namelist() == ["manifest.json"]
 
 
+async def test_an_image_the_disk_budget_removed_is_left_out_of_the_archive(aiohttp_client, tmp_path: Path) -> None:
+    """The manifest says what the zip holds: a file gone from the disk is in neither (and the zip
+    is still whole: its Content-Length counts only what is sent)."""
+    client, _ = await start(aiohttp_client, tmp_path)
+    created = await (await client.post("/jobs", json={"prompts": ["a", "b", "c"], "format": "jpeg"})).json()
+    await wait_done(client, created["job_id"])
+    _, whole = await archive(client, created["job_id"])
+    removed = json.loads(whole.read("manifest.json"))["images"][1]
+    [gone] = [path for path in (tmp_path / "images").iterdir() if hashlib.sha256(path.read_bytes()).hexdigest() == removed["sha256"]]
+    gone.unlink()
+    _, partial = await archive(client, created["job_id"])
+    assert [entry["index"] for entry in json.loads(partial.read("manifest.json"))["images"]] == [0, 2]
+    assert removed["file"] not in partial.namelist() and len(partial.namelist()) == 3
+
+
 @pytest.mark.parametrize("since", ["-1", "x", "1.5", "9" * 12])
 async def test_archive_refuses_a_bad_since_and_an_unknown_job(aiohttp_client, tmp_path: Path, since: str) -> None:
     client, _ = await start(aiohttp_client, tmp_path)

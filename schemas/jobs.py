@@ -47,6 +47,14 @@ class JobStatusSchema(Schema):
             "example": [{"index": 0, "seed": 1234, "url": "https://example.ngrok.app/images/0123456789abcdef0123456789abcdef.webp"}],
         },
     )
+    webhooks = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "Only for a job with a webhook_url: each message of its outbox (event, webhook_id, state pending, "
+            "delivered or dead, attempts, last_error).",
+            "example": [{"event": "job.completed", "webhook_id": "msg_3f2b9c4e", "state": "delivered", "attempts": 1, "last_error": None}],
+        },
+    )
     created_at = fields.Float(metadata={"description": "Unix time the job was accepted.", "example": 1795000000.0})
     finished_at = fields.Float(allow_none=True, metadata={"description": "Unix time the job ended; it expires one retention time later.", "example": None})
     expires_at = fields.Float(allow_none=True, metadata={"description": "Unix time the job and its images are removed.", "example": None})

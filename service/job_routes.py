@@ -24,6 +24,7 @@ from service.job_db import DONE, JobRecord
 from service.job_listening import base_url
 from service.idempotency import REPLAYED_HEADER
 from service.job_result import JobResult, image_url
+from service import webhook_outbox
 from service.keys import JOBS, SETTINGS, STORE
 from service.streaming import start_stream
 from service.submission import submit
@@ -133,6 +134,11 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     if record is None:
         return json_error(404, NO_SUCH_JOB)
     status = _status(record, request.app[SETTINGS].image_retention)
+    deliveries = await asyncio.to_thread(request.app[JOBS].db.transaction, lambda db: webhook_outbox.deliveries(db, record.job_id))
+    if deliveries:
+        status["webhooks"] = [
+            {"event": d.event, "webhook_id": d.message_id, "state": d.state, "attempts": d.attempts, "last_error": d.last_error} for d in deliveries
+        ]
     if record.state != DONE:
         if record.finished:
             status["success"] = False

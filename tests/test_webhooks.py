@@ -195,6 +195,8 @@ async def test_a_failed_first_delivery_is_retried_with_the_same_id_and_a_signatu
         Webhook(SECRET).verify(first.body, tampered)
     [delivery] = await eventually(lambda: _delivered(client, job["job_id"]), what="marked delivered")
     assert (delivery.attempts, delivery.last_error) == (2, None)
+    shown = (await (await client.get(f"/jobs/{job['job_id']}")).json())["webhooks"]
+    assert shown == [{"event": "job.completed", "webhook_id": delivery.message_id, "state": "delivered", "attempts": 2, "last_error": None}]
 
 
 async def _state_is(client: TestClient, job_id: str, state: str) -> bool:
@@ -445,6 +447,8 @@ async def test_a_redirect_is_not_followed_and_the_last_attempt_gives_the_message
         job = await submit(client, receiver.url)
         [dead] = await eventually(lambda: _dead(client, job["job_id"]), what="given up after 2 attempts")
     assert dead.attempts == 2 and "redirect (not followed)" in dead.last_error
+    [shown] = (await (await client.get(f"/jobs/{job['job_id']}")).json())["webhooks"]
+    assert (shown["state"], shown["attempts"], shown["last_error"]) == ("dead", 2, dead.last_error), "the job says its webhook was given up"
     assert [request.path for request in receiver.requests] == ["/hook", "/hook"], "never /elsewhere"
     assert any("given up after 2 attempt(s)" in record.message and record.levelno == logging.WARNING for record in caplog.records)
     db = client.server.app[JOBS].db

@@ -264,9 +264,7 @@ class JobDatabase:
 
     def image_ids(self, job_id: str) -> dict[int, str]:
         """The stored images of a job, by their index in the request."""
-        with self._lock:
-            rows = self._db.execute("SELECT idx, image_id FROM job_images WHERE job_id = ? ORDER BY idx", (job_id,)).fetchall()
-        return dict(rows)
+        return {image.index: image.name for image in self.stored_images(job_id)}
 
     def all_image_ids(self) -> set[str]:
         """Every image any job names (what the image folder may hold)."""

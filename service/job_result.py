@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from service.admission import DRAINING_RETRY_AFTER
 from service.connections import BodyWriter
 from service.errors import json_error
 from service.image_store import ImageStore, file_name
+from service.job_db import StoredImage
 from service.jobs import JobEnded, LiveJob
 
 
@@ -60,11 +61,11 @@ class JobResult:
 
     @classmethod
     def from_live(
-        cls, job: LiveJob, ended: JobEnded, stored: Mapping[int, str] | None = None, store: ImageStore | None = None
+        cls, job: LiveJob, ended: JobEnded, stored: Sequence[StoredImage] | None = None, store: ImageStore | None = None
     ) -> JobResult:
-        """From a job a handler followed to its end: ``stored`` holds the image names by index (the
-        database's); the images are read back from the store's files when the body is written.
-        Without them, a result to summarise (the NDJSON summary line), with no images to write."""
+        """From a job a handler followed to its end: ``stored`` are its images as the database names
+        them; they are read back from the store's files when the body is written. Without them, a
+        result to summarise (the NDJSON summary line), with no images to write."""
         result = cls(
             job_id=job.job_id,
             spec=job.spec,
@@ -76,11 +77,13 @@ class JobResult:
         )
         if not result.done or stored is None or store is None:
             return result
-        return result.with_files(tuple(stored.get(index, "") for index in range(job.spec.total_images)), store)
+        return result.with_files(stored, store)
 
-    def with_files(self, image_ids: tuple[str, ...], store: ImageStore) -> JobResult:
-        """A done result whose images are read from their stored files as the body is written; a
-        failure with 410 when the disk budget removed some of them."""
+    def with_files(self, stored: Sequence[StoredImage], store: ImageStore) -> JobResult:
+        """A done result whose images (``stored``: the database's rows) are read from their files as
+        the body is written; a failure with 410 when the disk budget removed some of them."""
+        names = {image.index: image.name for image in stored}
+        image_ids = tuple(names.get(index, "") for index in range(self.spec.total_images))
         paths = [store.path_for(image_id) for image_id in image_ids]
         missing = sum(path is None for path in paths)
         if missing:

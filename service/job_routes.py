@@ -148,9 +148,8 @@ async def get_job(request: web.Request) -> web.StreamResponse:
             {"index": image.index, "seed": record.spec.seeds[image.index], "url": image_url(links, image.name)} for image in stored
         ]
         return web.json_response(status, headers={"X-Job-Id": record.job_id})
-    ids = {image.index: image.name for image in await request.app[JOBS].stored_images(record.job_id)}
     done = JobResult(record.job_id, record.spec, JobState.DONE, record.images_done, warnings=record.warnings)
-    result = done.with_files(tuple(ids.get(index, "") for index in range(record.images_total)), request.app[STORE])
+    result = done.with_files(await request.app[JOBS].stored_images(record.job_id), request.app[STORE])
     if not result.done:
         return json_error(result.status, result.failure_detail())
     writer = await start_stream(request, {"X-Job-Id": record.job_id})

@@ -50,16 +50,17 @@ class Metrics:
             buckets=REQUEST_BUCKETS, registry=r,
         )
         self.accepted = Counter("sdxl_accepted_images", "Images accepted, per API key name ('' without keys)", ["key"], registry=r)
-        self._peaks: dict[str, int] = {}
-        self._levels: _Levels | None = None
+        # Levels read at each scrape (``_Levels``): peak device memory per worker as reported, and
+        # the jobs by state, which the route reads from the database before it renders.
+        self.peaks: dict[str, int] = {}
+        self.jobs_by_state: dict[str, int] = {}
         # Connections over --max-connections (answered 503 and closed before any handler ran):
         # counted by the listening site, which ``python -m service`` links here.
         self.refused_connections: Callable[[], int] = lambda: 0
 
     def follow(self, app: web.Application) -> None:
         """Read the app's levels at each scrape (queue, jobs, workers)."""
-        self._levels = _Levels(app, self._peaks, self)
-        self.registry.register(self._levels)
+        self.registry.register(_Levels(app, self))
 
     # ----- the engine's events (``Scheduler.observers``) -------------------------------------
 
@@ -71,7 +72,7 @@ class Metrics:
         if size:
             self.image_seconds.observe(message.seconds / size)
         if message.peak_memory_bytes:
-            self._peaks[worker] = max(self._peaks.get(worker, 0), message.peak_memory_bytes)
+            self.peaks[worker] = max(self.peaks.get(worker, 0), message.peak_memory_bytes)
 
     def shard_failed(self, message: ShardFailed, images: int) -> None:
         self.images.labels(str(message.worker_id), "failed").inc(images)
@@ -98,11 +99,9 @@ class Metrics:
 class _Levels(Collector):
     """What is true now, read at each scrape."""
 
-    def __init__(self, app: web.Application, peaks: dict[str, int], metrics: Metrics) -> None:
+    def __init__(self, app: web.Application, metrics: Metrics) -> None:
         self._app = app
-        self._peaks = peaks
         self._metrics = metrics
-        self.jobs_by_state: dict[str, int] = {}
 
     def describe(self) -> list[Any]:
         return []  # read at scrape time only: nothing to check at registration
@@ -120,7 +119,7 @@ class _Levels(Collector):
         yield pending
         jobs = GaugeMetricFamily("sdxl_jobs", "Jobs in the database by state (finished ones until they expire)", labels=["state"])
         for state in JobState:
-            jobs.add_metric([state.value], self.jobs_by_state.get(state.value, 0))
+            jobs.add_metric([state.value], self._metrics.jobs_by_state.get(state.value, 0))
         yield jobs
         workers = pool.snapshot()
         states = GaugeMetricFamily("sdxl_workers", "Workers by state", labels=["state"])
@@ -134,7 +133,7 @@ class _Levels(Collector):
         peak = GaugeMetricFamily(
             "sdxl_device_memory_peak_bytes", "Peak device memory a worker reported (CUDA: allocated; CPU: the process's peak RSS)", labels=["worker"]
         )
-        for worker, value in sorted(self._peaks.items()):
+        for worker, value in sorted(self._metrics.peaks.items()):
             peak.add_metric([worker], value)
         yield peak
         refused = CounterMetricFamily("sdxl_refused_connections", "Connections over --max-connections, answered 503 and closed")
@@ -155,8 +154,7 @@ async def metrics(request: web.Request) -> web.Response:
     from service.keys import JOBS
 
     collected = request.app[METRICS]
-    if collected._levels is not None:
-        collected._levels.jobs_by_state = await asyncio.to_thread(request.app[JOBS].db.count_by_state)
+    collected.jobs_by_state = await asyncio.to_thread(request.app[JOBS].db.count_by_state)
     body = collected.render()
     response = web.Response(body=body, headers={"Cache-Control": "no-store"})
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

@@ -189,7 +189,7 @@ async def _answer_with_heartbeats(
     try:
         ended = await follow(request, listener, nothing, heartbeat.beat, request.app[SETTINGS].heartbeat_interval)
         stored = await request.app[JOBS].stored_images(job.job_id) if ended.state == JobState.DONE else []
-        result = JobResult.from_live(job, ended, {image.index: image.name for image in stored}, request.app[STORE])
+        result = JobResult.from_live(job, ended, stored, request.app[STORE])
         if not result.done:
             log.warning("job %s %s: %s", job.job_id, "interrupted" if ended.interrupted else ended.state, result.failure_detail())
             if not heartbeat.started:

@@ -1,4 +1,4 @@
-"""Debian packages that tests drive (chromium, redis-server, prometheus's promtool), installed the way ``.ci/run`` does,
+"""Debian packages that tests drive (chromium, redis-server, prometheus's promtool, nginx, caddy, exiftool), installed the way ``.ci/run`` does,
 once, before any test is collected (``tests/conftest.py``'s ``pytest_sessionstart``), so a bare
 root checkout runs the whole suite and no test module skips because another one installs later."""
 
@@ -12,7 +12,16 @@ APT_TIMEOUT_SECONDS = 900
 
 
 # The program each test needs, and the Debian package that brings it.
-NEEDED = {"chromium": "chromium", "redis-server": "redis-server", "promtool": "prometheus"}
+NEEDED = {
+    "chromium": "chromium",
+    "redis-server": "redis-server",
+    "promtool": "prometheus",
+    # tests/test_proxies.py: the proxies users put in front of the server
+    "nginx": "nginx",
+    "caddy": "caddy",
+    # image metadata checked the way users read it (exiftool -validate)
+    "exiftool": "libimage-exiftool-perl",
+}
 # Why a needed program is missing after the install (filled by ``install_missing``).
 PROBLEMS: dict[str, str] = {}
 

@@ -139,7 +139,11 @@ def free_port() -> int:
 class OwnServer:
     """``python -m service --model tiny`` in a subprocess, logging to a file in its own temp dir."""
 
-    def __init__(self, workers: int, max_batch: int, model_cache: str, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, workers: int, max_batch: int, model_cache: str, extra_args: tuple[str, ...] = (), repo: Path = REPO
+    ) -> None:
+        """``repo``: the checkout whose server runs (another commit's worktree, for a before/after)."""
+        self.repo = repo
         self.workdir = Path(tempfile.mkdtemp(prefix="sdxl-soak-"))
         self.log_path = self.workdir / "server.log"
         self.image_dir = self.workdir / "images"
@@ -163,7 +167,7 @@ class OwnServer:
 
     def start(self) -> None:
         """Start and wait for a 200 from /health: a worker must be ready before the clock starts."""
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo), os.environ.get("PYTHONPATH")]))}
         self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             self.args, cwd=self.workdir, env=env, stdout=self._log_file, stderr=subprocess.STDOUT

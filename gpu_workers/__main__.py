@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from gpu_workers.devices import resolve_devices
 from gpu_workers.flag_settings import build_parser as build_settings_parser
 from gpu_workers.flag_settings import flag, parse, setting
 from gpu_workers.messages import WorkerConfig
@@ -214,9 +215,6 @@ class Launcher:
 def main(argv: list[str] | None = None) -> int:
     settings = load_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s gpu_workers %(levelname)s %(message)s")
-    # Imports torch: only once the arguments are known to be good.
-    from gpu_workers.devices import resolve_devices
-
     try:
         devices = resolve_devices(settings.devices, settings.workers)
     except ValueError as exc:

@@ -45,6 +45,15 @@ def _prepare_device(config: WorkerConfig) -> str:
     if config.device == "cpu":
         torch.set_num_threads(config.cpu_threads)
         return "cpu"
+    # The API process counted devices through NVML without torch (gpu_workers.devices); this is the
+    # check by the library that will use the device, with a message that says what to change.
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (torch.device(config.device).index or 0) >= visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"{config.device} is not a CUDA device this worker can use: torch {torch.__version__} sees {visible} "
+            f"(CUDA_VISIBLE_DEVICES={shown!r}); fix --devices or CUDA_VISIBLE_DEVICES"
+        )
     torch.cuda.set_device(config.device)
     return torch.cuda.get_device_name(config.device)
 

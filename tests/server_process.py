@@ -31,13 +31,17 @@ def port_is_free(port: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, workdir: Path, args: list[str], env: dict[str, str], port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, args: list[str], env: dict[str, str], port: int | None = None, launcher: tuple[str, ...] = ("-m", "service")
+    ) -> None:
+        """``launcher``: what follows the interpreter before the server's flags (a test may run the
+        server through a wrapper that watches it, e.g. tests/import_probe.py)."""
         self.port = port or free_port()
         self.workdir = workdir
         self.log_path = workdir / "server.log"
         workdir.mkdir(parents=True, exist_ok=True)
         self.args = [
-            sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable, *launcher, "--host", "127.0.0.1", "--port", str(self.port),
             "--image-dir", str(workdir / "images"), "--job-db", str(workdir / "jobs.sqlite3"), *args,
         ]
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **env}

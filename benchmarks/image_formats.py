@@ -50,6 +50,7 @@ from PIL import Image
 from contract.formats import IMAGE_FORMATS
 from gpu_workers import encoding
 from gpu_workers.encoding import encode
+from gpu_workers.exif import JPEG_EXIF_LIMIT
 
 WIDTH, HEIGHT = 1024, 576
 BATCH = 150  # the largest batch a request may ask for: its body is what the issue is about
@@ -131,16 +132,14 @@ class Setting:
         fields = {**FIELDS, "image_format": self.image_format, "quality": self.quality}
         if not self.options:
             return lambda image: encode(image, self.image_format, self.quality, fields)
-        # A variant: what encode() does for this format, with other keyword arguments for Pillow.
-        exif = Image.Exif()
-        exif[encoding.EXIF_IMAGE_DESCRIPTION] = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
-        exif[encoding.EXIF_SOFTWARE] = f"sdxl-lightning-server ({fields['model']})"
+        # A variant: what encode() does for this format (the same EXIF), with other keyword arguments for Pillow.
         options = dict(self.options)
 
         def variant(image: Image.Image) -> bytes:
             buffer = io.BytesIO()
             if self.image_format == "jpeg":
                 image = image.convert("RGB")
+            exif = encoding.receipt_exif(fields, image.size, JPEG_EXIF_LIMIT if self.image_format == "jpeg" else None)
             image.save(buffer, format=self.image_format.upper(), quality=self.quality, exif=exif, **options)
             return buffer.getvalue()
 

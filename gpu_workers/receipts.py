@@ -76,6 +76,25 @@ def receipt_text(fields: dict[str, Any]) -> str:
     return json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
 
 
+# The receipt's texts that a request sets and that may be long (``--max-prompt-chars`` each).
+CUTTABLE_FIELDS = ("prompt", "negative_prompt")
+
+
+def cut_prompts(fields: dict[str, Any], keep: int) -> dict[str, Any]:
+    """The receipt with each prompt longer than ``keep`` characters cut to ``keep``, for a container
+    too small for them (JPEG's EXIF segment: 64 KiB; 3,000 emoji take 36 KB as JSON). The cut receipt
+    says so (``prompt_truncated``) and names the whole text by its sha256 (of its UTF-8), which the
+    job's stored receipt, the archive's manifest and the PNG keep whole."""
+    cut = dict(fields)
+    for name in CUTTABLE_FIELDS:
+        text = fields.get(name) or ""
+        if len(text) > keep:
+            cut[name] = text[:keep]
+            cut[f"{name}_truncated"] = True
+            cut[f"{name}_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return cut
+
+
 # ----- the model's fingerprint ------------------------------------------------------------------
 
 

@@ -66,6 +66,9 @@ def load_for_worker(config: WorkerConfig) -> tuple[Any, WorkerFacts]:
     from gpu_workers.generation import generate_images
     from gpu_workers.loading import load_pipeline
 
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components...": no variable turns it off
     device_name = _prepare_device(config)
     pipe, report = speed.prepare(
         config, device_name, lambda dtype: load_pipeline(config.model, config.device, Path(config.model_cache), dtype), generate_images
@@ -74,7 +77,9 @@ def load_for_worker(config: WorkerConfig) -> tuple[Any, WorkerFacts]:
 
 
 def quiet_libraries() -> None:
-    """Progress bars and import-time notices of diffusers/transformers would flood the server log."""
+    """Progress bars and import-time notices of diffusers/transformers would flood the server log
+    (hub downloads and transformers read these variables; diffusers' own bars are turned off where
+    the pipeline is loaded, ``load_for_worker``)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -54,7 +54,9 @@ async def serve(app: web.Application, settings: Settings, sock: socket.socket) -
         site = CappedSite(runner, sock, connection_cap(settings.max_connections, raise_file_limit()))
         app[METRICS].refused_connections = lambda: site.refused
         await site.start()
-        log.info("listening on http://%s:%d (docs at /docs); at most %d connections", settings.host, settings.port, site.max_connections)
+        base = f"http://{'localhost' if settings.host in ('0.0.0.0', '::', '') else settings.host}:{settings.port}"
+        log.info("listening on http://%s:%d; at most %d connections", settings.host, settings.port, site.max_connections)
+        log.info("the page: %s/ui  the API docs: %s/docs", base, base)
         await lifecycle.wait_for_stop_request()
         jobs = app[JOBS]
         if not await lifecycle.drain(settings.grace_period, also=jobs.idle):

@@ -26,6 +26,14 @@ def generate(server: ServerProcess, body: object, **kwargs: object) -> requests.
     return requests.post(server.url + "/generate", json=body, timeout=120, **kwargs)
 
 
+def test_the_log_names_the_page_and_the_docs_and_holds_no_progress_bars(server: ServerProcess) -> None:
+    """The first lines a person reads say where to go; the libraries' progress bars (model loading)
+    stay out of the log."""
+    log = server.log()
+    assert f"the page: http://127.0.0.1:{server.port}/ui  the API docs: http://127.0.0.1:{server.port}/docs" in log
+    assert "it/s]" not in log and "Loading pipeline components" not in log
+
+
 def test_root_describes_the_api(server: ServerProcess) -> None:
     response = requests.get(server.url + "/", timeout=10)
     assert response.status_code == 200

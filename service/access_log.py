@@ -1,8 +1,8 @@
 """One structured line per request, and a request id on every response.
 
 The line is JSON so that log tools can filter it: id, method, route, status, images, the API key's
-name, duration, client address (and X-Forwarded-For, as tunnels set it). Prompts are logged only at
-debug level, elsewhere; keys never.
+name, duration, the client's address (as a trusted proxy forwards it: ``service.forwarded``) and the
+peer's (the proxy's, behind one). Prompts are logged only at debug level, elsewhere; keys never.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from service.forwarded import request_origin
+from service.keys import SETTINGS
 from service.metrics import observe
 
 log = logging.getLogger("service.access")
@@ -53,8 +55,8 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
                     "images": request.get(IMAGES, 0),
                     "key": request.get(KEY_NAME),
                     "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                    "client": request.remote,
-                    "forwarded_for": request.headers.get("X-Forwarded-For"),
+                    "client": request_origin(request, request.app[SETTINGS].trusted_proxies()).client,
+                    "peer": request.remote,
                 }
             )
         )

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from service.forwarded import request_origin
 from service.jobs import JobEnded, JobEvent, ShardStored
 from service.keys import SETTINGS
 
@@ -48,9 +49,9 @@ def client_gone(request: web.Request) -> bool:
 
 
 def base_url(request: web.Request) -> str:
-    """Where image links point: the configured public URL (a tunnel's), or the request's own host."""
-    public_url = request.app[SETTINGS].public_url
-    if public_url:
-        return public_url.rstrip("/")
-    scheme = request.headers.get("X-Forwarded-Proto", request.scheme)
-    return f"{scheme}://{request.host}"
+    """Where image links point (every link the server builds starts here): the configured public URL
+    (a tunnel's), or the scheme and host the client addressed, as a trusted proxy forwards them."""
+    settings = request.app[SETTINGS]
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return request_origin(request, settings.trusted_proxies()).base_url

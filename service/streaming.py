@@ -3,20 +3,24 @@
 
 Tunnels such as ngrok and zrok cut a connection that stays silent too long. Once a request is
 accepted, the status line is held back for at most one heartbeat interval, so a fast success or a
-fast failure still gets its true status code; after that the response is ``200`` chunked JSON and
-one space goes out every interval. JSON parsers skip leading whitespace, so ``response.json()``
-works unchanged; a failure after that point can only be told in the body (``success: false``).
+fast failure still gets its true status code; after that the response is ``200`` JSON, streamed
+(``start_stream``), and one space goes out every interval. JSON parsers skip leading whitespace, so
+``response.json()`` works unchanged; a failure after that point can only be told in the body
+(``success: false``).
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from service.connections import BodyWriter
-from service.keys import SETTINGS
+from service.keys import LIFECYCLE, SETTINGS
 
 JSON_CONTENT_TYPE = "application/json"
 HEARTBEAT = b" "
+# A streamed answer must reach its client as it is written: nginx buffers a proxied response unless
+# it says otherwise, and a proxy or CDN may recompress or cache it.
+STREAMED_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache, no-transform"}
 
 
 class HeartbeatResponse:
@@ -45,13 +49,21 @@ class HeartbeatResponse:
 async def start_stream(
     request: web.Request, headers: dict[str, str], content_type: str = JSON_CONTENT_TYPE, content_length: int | None = None
 ) -> BodyWriter:
-    """A 200 with a chunked body (or of ``content_length`` bytes, when known up front, so that a
-    client can tell a cut-off body from a whole one), written with the server's write timeout."""
+    """A 200 of ``content_length`` bytes when the length is known up front (so that a client can
+    tell a cut-off body from a whole one), else a stream: chunked for HTTP/1.1, and for HTTP/1.0
+    (which has no chunked encoding: nginx's default to its upstream, ``curl --http1.0``) a body that
+    ends when the connection closes. Written with the server's write timeout (a few seconds once it drains)."""
     response = web.StreamResponse(status=200, headers=headers)
     response.content_type = content_type
-    if content_length is None:
-        response.enable_chunked_encoding()
-    else:
+    if content_length is not None:
         response.content_length = content_length
+    else:
+        for name, value in STREAMED_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if request.version >= HttpVersion11:
+            response.enable_chunked_encoding()
+        else:
+            response.force_close()
+            response.headers["Connection"] = "close"
     await response.prepare(request)
-    return BodyWriter(request, response, request.app[SETTINGS].write_timeout)
+    return BodyWriter(request, response, request.app[SETTINGS].write_timeout, request.app[LIFECYCLE])

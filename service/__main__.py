@@ -14,7 +14,8 @@ from gpu_workers.devices import REAL_MODEL, resolve_devices, resolve_model
 from gpu_workers.scheduler import EngineConfig
 from gpu_workers.speed import SpeedSettings
 from service.app import create_app
-from service.connections import CappedSite, connection_cap, quiet_accept_errors, raise_file_limit
+from service.auth import OPEN_ROUTES_TEXT
+from service.connections import MAX_HEAD_BYTES, CappedSite, connection_cap, quiet_accept_errors, raise_file_limit
 from service.metrics import METRICS
 from service.keys import JOBS, LIFECYCLE
 from service.settings import Settings, load_settings
@@ -46,19 +47,32 @@ async def serve(app: web.Application, settings: Settings, sock: socket.socket) -
     and jobs finish, then stop the site, the handlers and the workers, in that order."""
     lifecycle = app[LIFECYCLE]
     lifecycle.install_signal_handlers(asyncio.get_running_loop())
+    # A head over MAX_HEAD_BYTES in all gets 431 from the handler; aiohttp's own limits per line and
+    # field are raised to it, so that no smaller head gets a different answer.
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS, keepalive_timeout=settings.keepalive_timeout
-    )
+        app, handle_signals=False, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_SECONDS, keepalive_timeout=settings.keepalive_timeout,
+        max_line_size=MAX_HEAD_BYTES, max_field_size=MAX_HEAD_BYTES,
+    )  # fmt: skip
     await runner.setup()
     try:
-        site = CappedSite(runner, sock, connection_cap(settings.max_connections, raise_file_limit()))
+        site = CappedSite(
+            runner, sock, connection_cap(settings.max_connections, raise_file_limit()),
+            max_per_peer=settings.max_connections_per_peer, trusted=settings.trusted_proxies(),
+        )  # fmt: skip
         app[METRICS].refused_connections = lambda: site.refused
         await site.start()
         base = f"http://{'localhost' if settings.host in ('0.0.0.0', '::', '') else settings.host}:{settings.port}"
-        log.info("listening on http://%s:%d; at most %d connections", settings.host, settings.port, site.max_connections)
+        log.info(
+            "listening on http://%s:%d; at most %d connections, %d per address",
+            settings.host, settings.port, site.max_connections, site.max_per_peer,
+        )  # fmt: skip
         log.info("the page: %s/ui  the API docs: %s/docs", base, base)
         await lifecycle.wait_for_stop_request()
         jobs = app[JOBS]
+        log.info(
+            "draining %d job(s) with %d image(s) still to make and %d request(s) in flight, for up to %g s",
+            jobs.running_jobs, jobs.pending_images, lifecycle.active_requests, settings.grace_period,
+        )  # fmt: skip
         if not await lifecycle.drain(settings.grace_period, also=jobs.idle):
             log.warning("stopping with %d request(s) and %d job(s) unfinished; the jobs resume on the next start", lifecycle.active_requests, jobs.running_jobs)
             await jobs.stop()
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_accept_errors()
     keys = settings.api_keys()
     if keys:
-        log.info("API keys: on (%d key(s)); every route but /health and /docs needs one", len(keys))
+        log.info("API keys: on (%d key(s)); every route needs one but %s", len(keys), OPEN_ROUTES_TEXT)
     else:
         log.warning("API keys: off; anyone who reaches this port can generate images (set --api-key before exposing it on a tunnel)")
     try:

@@ -1,5 +1,7 @@
 """Graceful stop: on SIGTERM stop admitting (503), let in-flight requests finish up to a grace
-period, then stop; a second SIGTERM (or SIGINT) or the end of the grace period stops at once."""
+period, then stop; a second SIGTERM (or SIGINT) or the end of the grace period stops at once.
+While it drains, a client that reads nothing for a few seconds is cut off (``BodyWriter`` watches
+``drain_started``): its job is durable, so the drain waits for the GPUs, not for readers."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class Lifecycle:
         # The drain was cut short (a second signal, or the grace period ended): the workers are
         # not waited for either; what they were running resumes with its job after the restart.
         self.cut_short = False
+        self.drain_began_at = 0.0  # the loop's time of the first signal
+        self._drain_future: asyncio.Future[None] | None = None
 
     @property
     def active_requests(self) -> int:
@@ -40,6 +44,14 @@ class Lifecycle:
             if self._active == 0:
                 self._idle.set()
 
+    def drain_started(self) -> asyncio.Future[None]:
+        """Done once the drain has begun; made on first use, inside the running loop."""
+        if self._drain_future is None:
+            self._drain_future = asyncio.get_running_loop().create_future()
+            if self.draining:
+                self._drain_future.set_result(None)
+        return self._drain_future
+
     def install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
@@ -50,8 +62,14 @@ class Lifecycle:
             log.warning("%s again: stopping now", name)
             self._stop_now.set()
             return
-        log.info("%s: no new requests; draining %d in-flight request(s)", name, self._active)
+        log.info("%s: no new requests", name)  # what is drained: serve() says, it knows the jobs
+        self.start_draining()
+
+    def start_draining(self) -> None:
         self.draining = True
+        self.drain_began_at = asyncio.get_running_loop().time()
+        if self._drain_future is not None and not self._drain_future.done():
+            self._drain_future.set_result(None)
         self._stop_requested.set()
 
     async def wait_for_stop_request(self) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import signal
+import socket
 import time
 
 import requests
@@ -26,6 +29,11 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(start_
     assert finished["success"] is True and finished["count"] == 6
     assert server.process.wait(30) == 0
     assert "stopped" in server.log()
+    # The drain's log line counts what it waits for: the job and its images, not only requests.
+    drained = re.search(r"draining (\d+) job\(s\) with (\d+) image\(s\) still to make and (\d+) request\(s\) in flight", server.log())
+    assert drained is not None, server.log_tail()
+    jobs, images, requests_in_flight = map(int, drained.groups())
+    assert (jobs, requests_in_flight) == (1, 1) and 0 < images <= 6  # SIGTERM came right after admission: work was left
 
 
 def test_grace_period_end_stops_at_once_and_the_job_resumes_after_restart(start_server) -> None:
@@ -63,3 +71,39 @@ def test_second_sigterm_stops_now(start_server) -> None:
     assert time.monotonic() - started < 10
     call["thread"].join(30)
     assert "shutting down" in call["result"].json()["detail"]
+
+
+def test_the_drain_cuts_off_clients_that_read_nothing_and_their_jobs_keep_their_images(start_server) -> None:
+    """Three base64 /generate requests whose clients never read, then SIGTERM. With the default
+    --write-timeout and --grace-period (60 s each) the drain still cuts them off a few seconds after
+    their writes stall: the server exits within 15 s of the last shard, not at the end of the grace
+    period, and after a restart each job is done with its 4 images."""
+    server = start_server("--model", "tiny", "--workers", "1", "--max-batch", "4", "--heartbeat-interval", "1")
+    assert server.process is not None
+    body = json.dumps({"prompts": [f"unread at shutdown {i}" for i in range(4)], "seed": 5}).encode()
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            stalled.append(sock)
+        server.wait_for(lambda h: h["active_requests"] == 3, timeout=30, what="the three requests accepted")
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for(lambda h: h["draining"] and h["active_jobs"] == 0, timeout=120, what="the last shard done")
+        last_shard = time.monotonic()
+        assert server.process.wait(60) == 0
+        assert time.monotonic() - last_shard < 15, "the drain waited for clients that read nothing"
+    finally:
+        for sock in stalled:
+            sock.close()
+    job_ids = [line.split("job ")[1].split(":")[0] for line in server.log().splitlines() if "the client went away" in line]
+    assert len(job_ids) == 3
+    server.start(healthy=False)  # the stored jobs answer before the worker is ready
+    for job_id in job_ids:
+        stored = requests.get(f"{server.url}/jobs/{job_id}", timeout=10).json()
+        assert stored["state"] == "done" and len(stored["images"]) == 4

@@ -14,6 +14,8 @@ reports it here (``problem``, for /health and admission) in words without a serv
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import re
@@ -21,7 +23,10 @@ import secrets
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 from contract.formats import CONTENT_TYPES
 
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 IMAGE_NAME = re.compile(r"(?P<id>[0-9a-f]{32})(?:\.(?P<ext>" + "|".join(CONTENT_TYPES) + r"))?")
 # What an image is assumed to weigh before any was stored: a 1024x576 PNG at level 1 is 0.8-1.4 MB.
 FIRST_BYTES_PER_IMAGE = 1_500_000
+# Threads of the store's own: saves, reads for base64 answers, archives, sweeps.
+STORE_THREADS = 4
+T = TypeVar("T")
 
 
 class ImageStore:
@@ -47,6 +55,14 @@ class ImageStore:
         self.bytes_per_image = float(FIRST_BYTES_PER_IMAGE)
         self._sizes_seen = 0
         self.problem: str | None = None
+        # The store's own threads: a slow thing elsewhere (a name to resolve, a database call)
+        # never queues a shard's save or an archive's read behind it, nor the reverse.
+        self.executor = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="image-store")
+
+    async def run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)`` (file work: a save, a read, an archive's next block) on the
+        store's own threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(call, *args, **kwargs))
 
     @property
     def used_bytes(self) -> int:

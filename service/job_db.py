@@ -12,20 +12,23 @@ anyway, and a single writer never sees ``database is locked``.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from contract.batch import BatchSpec
 from contract.states import UNFINISHED_JOB_STATES as UNFINISHED_STATES
 from contract.states import JobState
 from service import webhook_outbox
-from service.webhook_outbox import OUTBOX_SCHEMA, WebhookTarget
+from service.webhook_outbox import WebhookTarget
 
 T = TypeVar("T")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED
@@ -65,12 +68,17 @@ _ADDED_COLUMNS = {
         "webhook_url": "TEXT",
         "webhook_events": "TEXT",
         "links_base": "TEXT",
+        # A re-roll of one image of another job (``service.variants``): that job and the image's
+        # index; NULL for a batch of its own.
+        "parent_job_id": "TEXT",
+        "parent_index": "INTEGER",
     },
     "job_images": {"sha256": "TEXT", "bytes": "INTEGER", "receipt": "TEXT"},
 }
 _INDEXES = """
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_idempotency_key ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_parent ON jobs (parent_job_id, created_at) WHERE parent_job_id IS NOT NULL;
 """
 
 
@@ -88,6 +96,14 @@ class StoredImage:
     sha256: str | None
     bytes: int | None
     receipt: str | None
+
+
+@dataclass(frozen=True)
+class VariantOf:
+    """The image a re-roll makes again with another seed: its job (the parent) and its index there."""
+
+    job_id: str
+    index: int
 
 
 @dataclass(frozen=True)
@@ -132,10 +148,18 @@ class JobDatabase:
         self._db.executescript(_SCHEMA)
         self._add_missing_columns()
         self._db.executescript(_INDEXES)
-        self._db.executescript(OUTBOX_SCHEMA)
+        webhook_outbox.open_outbox(self._db)
         # Called (from the writing thread) after a commit that added webhook messages: the
         # deliverer's wake-up (``service.webhooks``).
         self.outbox_written: Callable[[], None] | None = None
+        # The database's own threads: nothing else (a name to resolve, an image file) can take them,
+        # so a slow thing elsewhere never queues a job read behind it. Two: one connection under a
+        # lock runs one call at a time; the second is ready when the first is done.
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="job-db")
+
+    async def run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)`` (a method of this database) on the database's own threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(call, *args, **kwargs))
 
     def _add_missing_columns(self) -> None:
         for table, columns in _ADDED_COLUMNS.items():
@@ -147,21 +171,29 @@ class JobDatabase:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self.executor.shutdown(wait=False)
 
     def create(
-        self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None, webhook: WebhookTarget | None = None
+        self,
+        job_id: str,
+        spec: BatchSpec,
+        owner: str = "",
+        idempotency: Idempotency | None = None,
+        webhook: WebhookTarget | None = None,
+        variant_of: VariantOf | None = None,
     ) -> JobRecord:
         """Write an accepted job; ``IdempotencyKeyTaken`` when its owner's key names a job already."""
         now = time.time()
         key, request_hash = (idempotency.key, idempotency.request_hash) if idempotency else (None, None)
         hook = (webhook.url, json.dumps(list(webhook.events)), webhook.links_base) if webhook else (None, None, None)
+        parent = (variant_of.job_id, variant_of.index) if variant_of else (None, None)
         try:
             with self._lock, self._db:
                 self._db.execute("BEGIN")
                 self._db.execute(
                     "INSERT INTO jobs (id, state, spec, images_total, created_at, updated_at, owner, idempotency_key, request_hash,"
-                    " webhook_url, webhook_events, links_base) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job_id, QUEUED, spec.to_json(), spec.total_images, now, now, owner, key, request_hash, *hook),
+                    " webhook_url, webhook_events, links_base, parent_job_id, parent_index) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, QUEUED, spec.to_json(), spec.total_images, now, now, owner, key, request_hash, *hook, *parent),
                 )
         except sqlite3.IntegrityError as exc:
             if key is not None and "idempotency_key" in str(exc):
@@ -180,19 +212,32 @@ class JobDatabase:
     def list_jobs(self, owner: str | None, limit: int, before: tuple[float, str] | None = None) -> list[JobRecord]:
         """Jobs newest first; ``owner`` None: everyone's; ``before``: (created_at, id) of the last
         job of the previous page (a cursor that stays right while new jobs arrive)."""
-        where, args = [], []
+        where, args = ["parent_job_id IS NULL"], []  # a re-roll shows with its job, not as a job of its own
         if owner is not None:
             where.append("owner = ?")
             args.append(owner)
         if before is not None:
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             args += [before[0], before[0], before[1]]
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause = f"WHERE {' AND '.join(where)}"
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)
             ).fetchall()
         return [_record(row) for row in rows]
+
+    def variants(self, parent_job_id: str) -> list[tuple[int, JobRecord, StoredImage | None]]:
+        """The re-rolls of a job's images, oldest first: the image's index, the re-roll's job and
+        its one image once stored (``service.variants``), in one query."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT parent_index, {_PREFIXED_COLUMNS}, i.idx, i.image_id, i.sha256, i.bytes, i.receipt"
+                " FROM jobs j LEFT JOIN job_images i ON i.job_id = j.id AND i.idx = 0"
+                " WHERE j.parent_job_id = ? ORDER BY j.created_at, j.id",
+                (parent_job_id,),
+            ).fetchall()
+        width = len(_COLUMNS.split(","))
+        return [(row[0], _record(row[1 : 1 + width]), None if row[1 + width] is None else StoredImage(*row[1 + width :])) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:
         with self._lock:
@@ -257,9 +302,12 @@ class JobDatabase:
             self._db.execute("BEGIN")
             return work(self._db)
 
-    def get(self, job_id: str) -> JobRecord | None:
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """The job; with ``owner``, only if that key made it: another key's job is not found, exactly
+        as one that never existed (the query itself asks, so no caller can forget to)."""
+        owned, args = ("", (job_id,)) if owner is None else (" AND owner = ?", (job_id, owner))
         with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?{owned}", args).fetchone()
         return None if row is None else _record(row)
 
     def image_ids(self, job_id: str) -> dict[int, str]:
@@ -292,6 +340,7 @@ class JobDatabase:
 
 
 _COLUMNS = "id, state, spec, images_done, detail, warnings, created_at, updated_at, finished_at, owner"
+_PREFIXED_COLUMNS = ", ".join(f"j.{name.strip()}" for name in _COLUMNS.split(","))
 
 
 def _record(row: tuple) -> JobRecord:

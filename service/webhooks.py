@@ -1,173 +1,97 @@
 """Webhooks: signed POSTs to the ``webhook_url`` a job was submitted with, sent from the durable
 outbox in the job database (``service/webhook_outbox.py``), as the Standard Webhooks
-specification describes them.
+specification describes them. Where the server may connect, and how it resolves a webhook host
+(its own resolver, never the job database's or the image store's threads), is
+``service/webhook_addresses.py``.
 
 - **Submit** (``webhook_of``): a URL is taken only by a server that can sign (``--webhook-secret``),
-  and only if every address its host resolves to now is public; otherwise a 400 before any work.
-- **Deliver** (``WebhookDeliverer``): one task sends the outbox's due rows: at most one delivery in
-  flight per target (host) and ``MAX_PARALLEL`` in all, ``--webhook-timeout`` for the whole attempt,
-  redirects not followed (a 3xx is a failure), any 2xx a success. A failure is retried 1 s later,
-  doubling up to an hour, until ``--webhook-max-attempts`` (then the row is dead, and logged); a
-  target that fails is left alone for the same backoff, whatever else waits for it. Every attempt
-  carries the row's ``webhook-id`` and a signature over ``id.timestamp.body`` made at that attempt,
-  so a retry after a restart is the same message with a fresh timestamp. At least once: a delivery
-  cut by a stop is not marked, and goes again.
-- **Where the server may connect**: the host is resolved again at every attempt by the resolver
-  aiohttp connects through (``CheckingResolver``), which refuses the attempt if any address is
-  loopback, private, link-local, multicast, reserved or unspecified (``--webhook-allow-private``
-  lifts all but multicast and unspecified) and hands aiohttp only the addresses it checked. So the
-  address checked is the address connected to: a name that resolves to a public address at submit
-  and to 127.0.0.1 later (DNS rebinding) never reaches 127.0.0.1. An IP literal skips aiohttp's
-  resolver, so it is checked before the request. The name stays in the URL: Host header, SNI and
-  the certificate check are those of the name.
+  only while the key's outbox has room for the messages the job will add
+  (``--max-pending-webhooks-per-key``, else a 429 that says so), and only if every address its
+  host resolves to now is public (else a 400); all before any work. A key with
+  ``LOOKUPS_PER_KEY`` lookups in flight gets a 429 at once rather than a place in a queue.
+- **Deliver** (``WebhookDeliverer``): one task sends the outbox's due rows, fairly between keys:
+  ``MAX_PARALLEL`` deliveries in flight in all, each free slot going to the key with the fewest
+  in flight (ties in turn), no key more than ``per_key_slots()`` of them, so another key always
+  finds a free slot at once; at most one delivery in flight per key and host, so one key's slow
+  or failing host never holds another key's messages. ``--webhook-timeout`` for the whole
+  attempt, redirects not followed (a 3xx is a failure), any 2xx a success. A failure is retried
+  1 s later, doubling up to an hour, until ``--webhook-max-attempts`` (then the row is dead, and
+  logged); the key's other messages to the same URL wait for that URL's backoff too (one attempt
+  per backoff, not one per message), and nothing else does: not the key's other URLs on that host,
+  not another key's messages to the same URL. Every attempt carries the row's ``webhook-id`` and a
+  signature over ``id.timestamp.body`` made at that attempt, so a retry after a restart is the same
+  message with a fresh timestamp. At least once: a delivery cut by a stop is not marked, and goes
+  again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
+import itertools
 import logging
-import socket
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 from standardwebhooks import Webhook
 from yarl import URL
 
 from contract.webhooks import IMAGE_COMPLETED
 from service import __version__
+from service.auth import owner_of
 from service.errors import json_error
 from service.job_db import JobDatabase
 from service.job_listening import base_url
 from service.keys import JOBS, SETTINGS
 from service.settings import Settings
-from service.webhook_outbox import OutboxRow, WebhookTarget, mark_delivered, mark_failed, next_per_target, pending_count
+from service.webhook_addresses import CheckingResolver, HostResolver, LookupsBusy, TargetRefused, literal
+from service.webhook_outbox import (
+    OutboxRow,
+    WebhookTarget,
+    due_rows,
+    mark_delivered,
+    mark_failed,
+    messages_of,
+    pause_url,
+    pending_count,
+    pending_of_owner,
+)
 
 log = logging.getLogger(__name__)
 
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 3600.0
-MAX_PARALLEL = 16  # deliveries in flight, all targets together
-RESOLVE_TIMEOUT = 5.0  # seconds a submit waits for the webhook host's addresses
+MAX_PARALLEL = 16  # deliveries in flight, all keys and hosts together
 IDLE_CHECK_SECONDS = 60.0  # the outbox is read at least this often (it is woken at every new row)
 DB_RETRY_SECONDS = 5.0
+LOOKUP_BUSY_RETRY_AFTER = "5"  # seconds: a lookup ends within RESOLVE_TIMEOUT
 USER_AGENT = f"sdxl-lightning-server/{__version__} (webhooks)"
-_NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 
 
 def retry_delay(failures: int) -> float:
-    """The one backoff, of a message and of a target: 1 s after the first failure, doubling to an hour."""
+    """The one backoff, of a message and of a URL: 1 s after the first failure, doubling to an hour."""
     return min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** min(failures - 1, 32))
 
 
-# ----- where the server may connect --------------------------------------------------------------
-
-
-class TargetRefused(OSError):
-    """A webhook host the server will not call (its sentence says why), or one that does not resolve."""
-
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def address_problem(address: IPAddress, allow_private: bool) -> str | None:
-    """What kind of address this is, where the server must not call it; None: it may."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1 on a dual-stack socket
-    if address.is_unspecified:
-        return "an unspecified address"
-    if address.is_multicast:
-        return "a multicast address"
-    if allow_private:
-        return None
-    for kind, test in (
-        ("a loopback", address.is_loopback),
-        ("a link-local", address.is_link_local),
-        ("a reserved", address.is_reserved),
-        ("a private", address.is_private),
-        ("a site-local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local),
-        ("a non-public", not address.is_global),  # e.g. 100.64.0.0/10, carrier-grade NAT
-    ):
-        if test:
-            return f"{kind} address"
-    return None
-
-
-async def resolve_host(host: str, port: int) -> list[tuple[int, str]]:
-    """Every (family, address) the host resolves to now. Tests replace this function."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys((family, sockaddr[0]) for family, _, _, _, sockaddr in infos))
-
-
-def _literal(host: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def _refusal(what: str, problem: str, allow_private: bool) -> TargetRefused:
-    if allow_private or problem in ("an unspecified address", "a multicast address"):
-        return TargetRefused(f"{what} {problem}, which is never a webhook target.")
-    return TargetRefused(
-        f"{what} {problem}; this server sends webhooks to public addresses only "
-        "(its operator can allow private ones with --webhook-allow-private)."
-    )
-
-
-async def checked_addresses(host: str, port: int, allow_private: bool) -> list[tuple[int, str]]:
-    """The host's addresses, each one allowed; ``TargetRefused`` if any is not, or none resolves."""
-    literal = _literal(host)
-    if literal is not None:
-        problem = address_problem(literal, allow_private)
-        if problem:
-            raise _refusal(f"the address {host} is", problem, allow_private)
-        return [(socket.AF_INET6 if literal.version == 6 else socket.AF_INET, str(literal))]
-    try:
-        addresses = await resolve_host(host, port)
-    except (OSError, UnicodeError) as exc:
-        raise TargetRefused(f"the host {host} cannot be resolved ({exc.__class__.__name__}).") from exc
-    if not addresses:
-        raise TargetRefused(f"the host {host} resolves to no address.")
-    for _, address in addresses:
-        problem = address_problem(ipaddress.ip_address(address.split("%", 1)[0]), allow_private)
-        if problem:
-            raise _refusal(f"the host {host} resolves to", problem, allow_private)
-    return addresses
-
-
-class CheckingResolver(AbstractResolver):
-    """aiohttp's resolver for webhook deliveries: only addresses that passed the check, resolved at
-    the moment of connecting (no cache), so the check cannot be raced by the name's next answer."""
-
-    def __init__(self, allow_private: bool) -> None:
-        self.allow_private = allow_private
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        addresses = await checked_addresses(host, port, self.allow_private)
-        return [
-            ResolveResult(hostname=host, host=address, port=port, family=found, proto=0, flags=_NUMERIC)
-            for found, address in addresses
-            if family in (socket.AF_UNSPEC, found)
-        ]
-
-    async def close(self) -> None:
-        pass
+def per_key_slots() -> int:
+    """The deliveries one key may have in flight: three quarters of them, so that a key whose
+    receivers all hang leaves slots free for the next key's message (it is never queued behind them)."""
+    return max(1, MAX_PARALLEL * 3 // 4)
 
 
 # ----- submit ----------------------------------------------------------------------------------
 
 
 async def webhook_of(request: web.Request, data: dict[str, Any]) -> WebhookTarget | None | web.Response:
-    """The webhook of a valid body (None: it has none), or the 400 that refuses it. Awaits DNS:
-    call it before admission reserves the request's images."""
+    """The webhook of a valid body (None: it has none), or the 400/429/503 that refuses it. Awaits
+    DNS: call it before admission reserves the request's images."""
     url = data.get("webhook_url")
     if url is None:
         return None
@@ -178,15 +102,42 @@ async def webhook_of(request: web.Request, data: dict[str, Any]) -> WebhookTarge
             "This server sends no webhooks: it has no signing secret, and unsigned webhooks are not sent. "
             "Its operator can set one with --webhook-secret whsec_... (SDXL_WEBHOOK_SECRET).",
         )
+    deliverer = request.app[WEBHOOKS]
+    owner = owner_of(request)
+    events = tuple(data["webhook_events"])
+    full = await _outbox_full(deliverer.db, owner, messages_of(events, len(data["prompts"]) * data["num_images_per_prompt"]), settings)
+    if full is not None:
+        return full
     parsed = URL(url)
     host, port = parsed.host or "", parsed.port or 443
+    resolver = deliverer.resolver
+    assert resolver is not None, "the deliverer starts with the app"
     try:
-        await asyncio.wait_for(checked_addresses(host, port, settings.webhook_allow_private), RESOLVE_TIMEOUT)
+        async with resolver.slot(owner) if literal(host) is None else nullcontext():
+            await resolver.checked_addresses(host, port, settings.webhook_allow_private)
+    except LookupsBusy as exc:
+        return json_error(exc.status, f"webhook_url not checked: {exc.detail}.", headers={"Retry-After": LOOKUP_BUSY_RETRY_AFTER})
     except TargetRefused as exc:
         return json_error(400, f"webhook_url refused: {exc}")
-    except TimeoutError:
-        return json_error(400, f"webhook_url refused: the host {host} did not resolve within {RESOLVE_TIMEOUT:g} s.")
-    return WebhookTarget(url, tuple(data["webhook_events"]), base_url(request))
+    return WebhookTarget(url, events, base_url(request))
+
+
+async def _outbox_full(db: JobDatabase, owner: str, adding: int, settings: Settings) -> web.Response | None:
+    """The 429 of a key whose outbox has no room for this job's messages (None: it has). Read
+    before admission: requests of one key in flight together may pass it together, by no more
+    than their own messages."""
+    bound = settings.max_pending_webhooks_per_key
+    if not bound:
+        return None
+    pending = await db.run(db.transaction, functools.partial(pending_of_owner, owner=owner))
+    if pending + adding <= bound:
+        return None
+    return json_error(
+        429,
+        f"webhook_url refused: this API key has {pending} webhook message(s) waiting or still to come, and this request would "
+        f"add {adding}: the limit is {bound} a key (--max-pending-webhooks-per-key). Messages leave the outbox when delivered "
+        "or given up; a receiver that answers frees the room.",
+    )
 
 
 # ----- deliver ---------------------------------------------------------------------------------
@@ -200,13 +151,16 @@ class WebhookDeliverer:
         self.timeout = settings.webhook_timeout
         self.max_attempts = settings.webhook_max_attempts
         self.allow_private = settings.webhook_allow_private
+        self.nameservers = tuple(name.strip() for name in settings.webhook_nameservers.split(",") if name.strip())
+        self.resolver: HostResolver | None = None  # made on the app's loop (``_run_deliverer``)
         self._signer = Webhook(settings.webhook_secret) if settings.webhook_secret else None
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._sending: dict[str, asyncio.Task[None]] = {}  # target -> its one delivery in flight
-        self._target_failures: dict[str, int] = {}
-        self._paused_until: dict[str, float] = {}
+        self._sending: dict[tuple[str, str], asyncio.Task[None]] = {}  # (key, host) -> its one delivery in flight
+        self._url_failures: dict[tuple[str, str], tuple[int, float]] = {}  # (key, URL) -> failures in a row, the last at
+        self._forgotten_at = 0.0
+        self._turn = itertools.count()  # which key goes first among equals: each in turn
 
     @property
     def enabled(self) -> bool:
@@ -221,10 +175,11 @@ class WebhookDeliverer:
             pass
 
     async def run(self) -> None:
+        assert self.resolver is not None
         self._loop = asyncio.get_running_loop()
         self.db.outbox_written = self._written
         connector = aiohttp.TCPConnector(
-            resolver=CheckingResolver(self.allow_private), use_dns_cache=False, force_close=True, limit=MAX_PARALLEL
+            resolver=CheckingResolver(self.resolver, self.allow_private), use_dns_cache=False, force_close=True, limit=MAX_PARALLEL
         )
         self._session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False
@@ -250,41 +205,73 @@ class WebhookDeliverer:
             await self._session.close()
 
     async def _start_due(self) -> float:
-        """Start the due row of every idle target; the seconds until the next one falls due."""
-        rows = await asyncio.to_thread(self.db.transaction, next_per_target)
+        """Start due rows into the free slots, fairly between keys; the seconds until the next row
+        falls due (a row held back by a busy slot or host is woken by that delivery's end)."""
+        self._forget_old_failures()
+        while True:
+            now = time.time()
+            busy: dict[str, set[str]] = {}
+            for owner, host in self._sending:
+                busy.setdefault(owner, set()).add(host)
+            due = await self.db.run(
+                self.db.transaction,
+                functools.partial(
+                    due_rows, now=now, busy_hosts={owner: frozenset(hosts) for owner, hosts in busy.items()}, limit=2 * per_key_slots()
+                ),
+            )
+            if not self._share(due.by_owner):  # nothing more can start now: wait for an end or a due time
+                return IDLE_CHECK_SECONDS if due.next_due_at is None else min(IDLE_CHECK_SECONDS, max(0.0, due.next_due_at - now))
+
+    def _forget_old_failures(self) -> None:
+        """A URL that failed long ago starts its backoff afresh (its rows keep their own): the
+        memory of failures stays bounded by the URLs failing lately."""
         now = time.time()
-        waiting = {row.target for row in rows}
-        for target in (set(self._target_failures) | set(self._paused_until)) - waiting:
-            self._target_failures.pop(target, None)  # nothing left for it: forget its backoff
-            self._paused_until.pop(target, None)
-        wait = IDLE_CHECK_SECONDS
-        for row in rows:
-            if row.target in self._sending:
-                continue  # its end wakes the loop
-            due = max(row.next_attempt_at, self._paused_until.get(row.target, 0.0))
-            if due > now:
-                wait = min(wait, due - now)
-            elif len(self._sending) < MAX_PARALLEL:
-                self._sending[row.target] = asyncio.create_task(self._deliver(row), name=f"webhook-{row.message_id}")
-        return wait
+        if now - self._forgotten_at < IDLE_CHECK_SECONDS:
+            return
+        self._forgotten_at = now
+        for url_key, (_, at) in list(self._url_failures.items()):
+            if now - at > 2 * MAX_RETRY_SECONDS:
+                del self._url_failures[url_key]
+
+    def _share(self, by_owner: dict[str, list[OutboxRow]]) -> int:
+        """Start rows into the free slots, each to the key with the fewest in flight (ties: each key
+        in turn), at most ``per_key_slots()`` a key and one a key and host. Returns how many started."""
+        in_flight = Counter(owner for owner, _ in self._sending)
+        owners = sorted(by_owner)
+        first = next(self._turn) % len(owners) if owners else 0
+        order = {owner: position for position, owner in enumerate(owners[first:] + owners[:first])}
+        waiting = {owner: iter(rows) for owner, rows in by_owner.items()}
+        started = 0
+        while waiting and len(self._sending) < MAX_PARALLEL:
+            owner = min(waiting, key=lambda name: (in_flight[name], order[name]))
+            row = next((row for row in waiting[owner] if (owner, row.target) not in self._sending), None)
+            if row is None or in_flight[owner] >= per_key_slots():
+                del waiting[owner]
+                continue
+            self._sending[(owner, row.target)] = asyncio.create_task(self._deliver(row), name=f"webhook-{row.message_id}")
+            in_flight[owner] += 1
+            order[owner] += len(order)  # behind the keys it ties with
+            started += 1
+        return started
 
     async def _deliver(self, row: OutboxRow) -> None:
+        url_key = (row.owner, row.url)
         try:
             error = await self._attempt(row)
             now = time.time()
             if error is None:
-                self._target_failures.pop(row.target, None)
-                self._paused_until.pop(row.target, None)
-                await asyncio.to_thread(self.db.transaction, functools.partial(mark_delivered, message=row.message_id, now=now))
+                self._url_failures.pop(url_key, None)
+                await self.db.run(self.db.transaction, functools.partial(mark_delivered, message=row.message_id, now=now))
                 level = logging.DEBUG if row.event == IMAGE_COMPLETED else logging.INFO  # up to 150 a job
                 log.log(level, "webhook %s %s of job %s delivered (attempt %d)", row.message_id, row.event, row.job_id, row.attempts + 1)
                 return
-            failures = self._target_failures[row.target] = self._target_failures.get(row.target, 0) + 1
-            self._paused_until[row.target] = now + retry_delay(failures)
+            failures = self._url_failures.get(url_key, (0, now))[0] + 1
+            self._url_failures[url_key] = (failures, now)
             attempts = row.attempts + 1
             next_at = now + retry_delay(attempts) if attempts < self.max_attempts else None
-            await asyncio.to_thread(
-                self.db.transaction, functools.partial(mark_failed, message=row.message_id, error=error, next_attempt_at=next_at, now=now)
+            await self.db.run(
+                self.db.transaction,
+                functools.partial(self._record_failure, row=row, error=error, next_at=next_at, url_paused_until=now + retry_delay(failures), now=now),
             )
             if next_at is None:
                 log.warning("webhook %s %s of job %s given up after %d attempt(s): %s", row.message_id, row.event, row.job_id, attempts, error)
@@ -294,19 +281,25 @@ class WebhookDeliverer:
             raise
         except Exception:  # noqa: BLE001 - the row stays pending and goes again: at least once
             log.exception("webhook %s: could not record the attempt", row.message_id)
-            self._paused_until[row.target] = time.time() + DB_RETRY_SECONDS
+            await asyncio.sleep(DB_RETRY_SECONDS)  # its slot stays taken meanwhile: no tight loop on a sick database
         finally:
-            self._sending.pop(row.target, None)
+            self._sending.pop((row.owner, row.target), None)
             self._wake.set()
+
+    @staticmethod
+    def _record_failure(db: sqlite3.Connection, row: OutboxRow, error: str, next_at: float | None, url_paused_until: float, now: float) -> None:
+        """The row's failed attempt and its URL's backoff, in one transaction."""
+        mark_failed(db, message=row.message_id, error=error, next_attempt_at=next_at, now=now)
+        pause_url(db, row.owner, row.url, url_paused_until)
 
     async def _attempt(self, row: OutboxRow) -> str | None:
         """One POST; None on a 2xx, else what went wrong, in a few words."""
-        assert self._session is not None and self._signer is not None
+        assert self._session is not None and self._signer is not None and self.resolver is not None
         url = URL(row.url)
         try:
-            literal = _literal(url.host or "")
-            if literal is not None:  # aiohttp connects to a literal without asking the resolver
-                await checked_addresses(str(literal), url.port or 443, self.allow_private)
+            address = literal(url.host or "")
+            if address is not None:  # aiohttp connects to a literal without asking the resolver
+                await self.resolver.checked_addresses(str(address), url.port or 443, self.allow_private)
             timestamp = int(time.time())
             headers = {
                 "Content-Type": "application/json",
@@ -346,18 +339,21 @@ def setup_webhooks(app: web.Application) -> None:
 
 async def _run_deliverer(app: web.Application) -> AsyncIterator[None]:
     deliverer = app[WEBHOOKS]
-    waiting = await asyncio.to_thread(deliverer.db.transaction, pending_count)
+    waiting = await deliverer.db.run(deliverer.db.transaction, pending_count)
     if not deliverer.enabled:
         if waiting:
             log.warning("%d webhook message(s) wait in the outbox, but --webhook-secret is not set: they are sent once it is", waiting)
         yield
         return
+    deliverer.resolver = HostResolver(deliverer.nameservers)
     log.info(
-        "webhooks: on, signed; %s; %d message(s) waiting",
+        "webhooks: on, signed; %s; names resolved by %s; %d message(s) waiting",
         "private addresses allowed" if deliverer.allow_private else "private addresses refused",
+        ", ".join(deliverer.nameservers) or "the system's nameservers",
         waiting,
     )
     task = asyncio.create_task(deliverer.run(), name="webhook-deliverer")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    await deliverer.resolver.close()

@@ -4,7 +4,8 @@ the same event loop. Signatures are checked with the ``standardwebhooks`` packag
 
 The receiver is on loopback, so the delivery tests run with ``webhook_allow_private``; the
 refusal tests run without it. Names other than ``localhost`` are answered by a stand-in for
-``service.webhooks.resolve_host``: no test resolves or reaches anything off this machine.
+``HostResolver.lookup`` (``service/webhook_addresses.py``): no test resolves or reaches anything
+off this machine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import ipaddress
 import logging
 import os
 import socket
@@ -30,7 +32,7 @@ from aiohttp.test_utils import TestClient
 from standardwebhooks import Webhook
 
 from contract.batch import BatchSpec
-from service import webhooks
+from service import webhook_addresses, webhooks
 from service.app import create_app
 from service.job_db import CANCELLED, DONE, JobDatabase
 from service.keys import JOBS
@@ -104,18 +106,18 @@ def names(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str] | Callable[[],
     """Made-up host names and what they resolve to (a list, or a function called at each lookup);
     every other name resolves as usual (only ``localhost`` is used)."""
     table: dict[str, list[str] | Callable[[], list[str]]] = {}
-    real = webhooks.resolve_host
+    real = webhook_addresses.HostResolver.lookup
 
-    async def resolve(host: str, port: int) -> list[tuple[int, str]]:
+    async def resolve(self: webhook_addresses.HostResolver, host: str, port: int) -> list[tuple[int, str]]:
         if host not in table:
-            return await real(host, port)
+            return await real(self, host, port)
         answer = table[host]
         addresses = answer() if callable(answer) else answer
         if not addresses:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET6 if ":" in address else socket.AF_INET, address) for address in addresses]
 
-    monkeypatch.setattr(webhooks, "resolve_host", resolve)
+    monkeypatch.setattr(webhook_addresses.HostResolver, "lookup", resolve)
     return table
 
 
@@ -326,6 +328,14 @@ def test_an_end_and_an_image_are_written_once_with_their_transaction(tmp_path: P
         ("http://0.0.0.0:9/hook", None, "unspecified"),
         ("http://224.0.0.1/hook", None, "multicast"),
         ("https://nowhere.example/hook", [], "the host nowhere.example cannot be resolved"),
+        # IPv6 forms that carry an IPv4 address are judged as that address (issue 25, item 7)
+        ("http://[2002:7f00:1::]/hook", None, "the address 2002:7f00:1:: is a loopback address"),  # 6to4
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/hook", None, "is a loopback address"),  # Teredo, client 127.0.0.1
+        ("http://[64:ff9b::a9fe:a9fe]/latest/meta-data", None, "is a link-local address"),  # NAT64 of 169.254.169.254
+        ("http://[64:ff9b:1::a00:1]/hook", None, "is a private address"),  # local-use NAT64 of 10.0.0.1
+        ("https://sixtofour.example/hook", ["2002:c0a8:114::1"], "the host sixtofour.example resolves to a private address"),
+        ("https://teredo.example/hook", ["2001:0:4136:e378:8000:63bf:f5ff:fffe"], "resolves to a private address"),  # 10.0.0.1
+        ("https://nat64.example/hook", ["64:ff9b::7f00:1"], "resolves to a loopback address"),
     ],
 )
 async def test_a_refused_target_is_a_400_at_submit(aiohttp_client, tmp_path: Path, names, url: str, resolves_to: list[str] | None, detail: str) -> None:
@@ -339,7 +349,7 @@ async def test_a_refused_target_is_a_400_at_submit(aiohttp_client, tmp_path: Pat
     assert transport.sent == [] and (await (await client.get("/jobs")).json())["jobs"] == []
 
 
-@pytest.mark.parametrize("url", ["http://0.0.0.0:9/hook", "http://224.0.0.1/hook", "http://[ff02::1]/hook"])
+@pytest.mark.parametrize("url", ["http://0.0.0.0:9/hook", "http://224.0.0.1/hook", "http://[ff02::1]/hook", "http://[2002:e000:1::]/hook"])
 async def test_multicast_and_unspecified_stay_refused_where_private_addresses_are_allowed(aiohttp_client, tmp_path: Path, url: str) -> None:
     client, _ = await start(aiohttp_client, tmp_path)
     response = await client.post("/jobs", json={"prompts": ["a"], "webhook_url": url})
@@ -348,12 +358,12 @@ async def test_multicast_and_unspecified_stay_refused_where_private_addresses_ar
 
 
 async def test_a_host_that_does_not_resolve_in_time_is_a_400(aiohttp_client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def never(host: str, port: int) -> list[tuple[int, str]]:
+    async def never(self: webhook_addresses.HostResolver, host: str, port: int) -> list[tuple[int, str]]:
         await asyncio.sleep(60)
         return []
 
-    monkeypatch.setattr(webhooks, "resolve_host", never)
-    monkeypatch.setattr(webhooks, "RESOLVE_TIMEOUT", 0.2)
+    monkeypatch.setattr(webhook_addresses.HostResolver, "lookup", never)
+    monkeypatch.setattr(webhook_addresses, "RESOLVE_TIMEOUT", 0.2)
     client, transport = await start(aiohttp_client, tmp_path)
     response = await client.post("/jobs", json={"prompts": ["a"], "webhook_url": "https://slow-dns.example/hook"})
     assert response.status == 400 and "did not resolve within 0.2 s" in (await response.json())["detail"]
@@ -421,6 +431,38 @@ async def test_a_name_that_resolves_elsewhere_at_delivery_is_never_called(aiohtt
     [dead] = await eventually(lambda: _dead(client, job["job_id"]), what="the delivery given up")
     assert "refused" in dead.last_error and "loopback" in dead.last_error and dead.attempts == 1
     assert receiver.requests == []
+
+
+@pytest.mark.parametrize(
+    "carrier", ["2002:7f00:1::", "2001:0:4136:e378:8000:63bf:80ff:fffe", "64:ff9b::7f00:1", "64:ff9b:1::7f00:1"], ids=["6to4", "teredo", "nat64", "nat64-local"]
+)
+async def test_a_name_that_resolves_to_loopback_inside_ipv6_at_delivery_is_never_called(
+    aiohttp_client, tmp_path: Path, names, receiver: Receiver, carrier: str
+) -> None:
+    """DNS rebinding to an IPv6 address that carries 127.0.0.1: refused at delivery as loopback."""
+    answers = iter([["93.184.216.34"]])
+    names["rebind6.example"] = lambda: next(answers, [carrier])
+    client, _ = await start(aiohttp_client, tmp_path, webhook_allow_private=False, webhook_max_attempts=1)
+    job = await submit(client, "http://rebind6.example/hook")
+    [dead] = await eventually(lambda: _dead(client, job["job_id"]), what="the delivery given up")
+    assert "refused" in dead.last_error and "resolves to a loopback address" in dead.last_error, dead.last_error
+
+
+@pytest.mark.parametrize(
+    ("address", "carried"),
+    [
+        ("2002:5db8:d822::", "93.184.216.34"),
+        ("2001:0:4136:e378:8000:63bf:a247:27dd", "93.184.216.34"),
+        ("64:ff9b::5db8:d822", "93.184.216.34"),
+        ("64:ff9b:1::5db8:d822", "93.184.216.34"),
+        ("::ffff:93.184.216.34", "93.184.216.34"),
+    ],
+)
+def test_an_ipv6_address_that_carries_a_public_ipv4_is_as_public_as_it(address: str, carried: str) -> None:
+    """What DNS64 gives an IPv6-only box, a 6to4 or Teredo host: reachable where its IPv4 is."""
+    parsed = ipaddress.ip_address(address)
+    assert str(webhook_addresses.embedded_ipv4(parsed)[-1]) == carried
+    assert webhook_addresses.address_problem(parsed, allow_private=False) is None
 
 
 async def _dead(client: TestClient, job_id: str) -> list[Delivery] | None:
@@ -536,14 +578,14 @@ async def test_a_database_fault_while_marking_sends_the_message_again(aiohttp_cl
 
 async def test_a_database_fault_while_reading_the_outbox_is_waited_out(aiohttp_client, tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     faults = [sqlite3.OperationalError("database is locked")]
-    real = webhooks.next_per_target
+    real = webhooks.due_rows
 
-    def flaky(db: sqlite3.Connection) -> list:
+    def flaky(db: sqlite3.Connection, **arguments: Any) -> Any:
         if faults:
             raise faults.pop()
-        return real(db)
+        return real(db, **arguments)
 
-    monkeypatch.setattr(webhooks, "next_per_target", flaky)
+    monkeypatch.setattr(webhooks, "due_rows", flaky)
     monkeypatch.setattr(webhooks, "DB_RETRY_SECONDS", 0.2)
     client, _ = await start(aiohttp_client, tmp_path)
     job = await submit(client, receiver.url)
@@ -613,6 +655,9 @@ async def test_the_readme_receiver_verifies_a_delivery_and_refuses_a_forgery(aio
         ({"webhook_secret": "whsec_" + base64.b64encode(b"x" * 65).decode()}, "holds 65 bytes"),
         ({"webhook_timeout": 0.0}, "--webhook-timeout must be positive"),
         ({"webhook_max_attempts": 0}, "--webhook-max-attempts must be at least 1"),
+        ({"max_pending_webhooks_per_key": -1}, "--max-pending-webhooks-per-key must not be negative"),
+        ({"webhook_nameservers": "127.0.0.1:53, dns.example"}, "--webhook-nameservers: 'dns.example' is not an IP address or IP:port"),
+        ({"webhook_nameservers": "[::1]:99999"}, "'[::1]:99999' is not an IP address"),
     ],
 )
 def test_webhook_settings_are_checked_at_start(changes: dict, problem: str) -> None:
@@ -623,6 +668,9 @@ def test_webhook_settings_are_checked_at_start(changes: dict, problem: str) -> N
 
 def test_webhook_switches_read_as_flags_and_variables(capsys: pytest.CaptureFixture[str]) -> None:
     assert validate(replace(Settings(), webhook_secret=SECRET)) == []
+    assert validate(replace(Settings(), webhook_nameservers="127.0.0.1:5353,::1,[::1]:53")) == []
+    assert load_settings(["--webhook-nameservers", "127.0.0.1:5353"], {}).webhook_nameservers == "127.0.0.1:5353"
+    assert load_settings([], {"SDXL_MAX_PENDING_WEBHOOKS_PER_KEY": "7"}).max_pending_webhooks_per_key == 7
     assert load_settings(["--webhook-allow-private"], {}).webhook_allow_private is True
     assert load_settings([], {"SDXL_WEBHOOK_ALLOW_PRIVATE": "true"}).webhook_allow_private is True
     assert load_settings(["--no-webhook-allow-private"], {"SDXL_WEBHOOK_ALLOW_PRIVATE": "1"}).webhook_allow_private is False

@@ -14,7 +14,7 @@ from contract.formats import parse_size
 from service.access_log import IMAGES
 from service.auth import owner_of
 from service.errors import json_error
-from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
+from service.keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.metrics import METRICS
 
 NO_WORKER_RETRY_AFTER = "10"
@@ -101,7 +101,7 @@ def _refusal(request: web.Request, images: int) -> web.Response | None:
             f"The image disk cannot hold this batch: {free / 1e6:.1f} MB free, and {pending + images} image(s) of about "
             f"{store.bytes_per_image / 1e6:.2f} MB each ({need / 1e6:.1f} MB) are to be stored.",
         )
-    share = settings.max_queued_images_per_key
+    share = settings.queued_images_per_key(len(request.app[API_KEYS]))
     if share:
         owner = owner_of(request)
         mine = jobs.pending_images_of(owner)

@@ -17,11 +17,15 @@ from service.keys import API_KEYS, SETTINGS
 from service.access_log import KEY_NAME
 from service.settings import ApiKey
 
-# Routes a monitor or a person needs without a key: health checks, the documentation page and the
-# page of /ui (which asks for the key itself); and the images, whose 128-bit names are their own
-# capability (``routes.image`` says why).
-OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/ui")
-OPEN_PREFIXES = ("/static/swagger/", "/docs/", "/images/", "/ui/static/")
+# Routes a monitor, a browser or a person needs without a key: health checks, the documentation page
+# with its spec and Swagger UI's files, the page of /ui (which asks for the key itself) with its files,
+# the icon every browser asks for; and the images, whose 128-bit names are their own capability
+# (``routes.image`` says why). The README lists exactly these (``tests/test_reference_clients.py``).
+OPEN_PATHS = ("/health", "/docs", "/openapi.json", "/ui", "/favicon.ico")
+OPEN_PREFIXES = ("/static/swagger/", "/images/", "/ui/static/")
+OPEN_ROUTES_TEXT = ", ".join([*OPEN_PATHS, *(prefix + "…" for prefix in OPEN_PREFIXES)])  # for the start-up log
+# Routes that show every key's figures: for operator keys only (``ApiKey.operator``), 403 for the others.
+OPERATOR_PATHS = ("/metrics",)
 
 
 def _is_open(request: web.Request) -> bool:
@@ -42,6 +46,12 @@ def owner_of(request: web.Request) -> str:
     """Whose work a request is, for the fair queue, ``GET /jobs``, idempotency keys, the access log
     and the metrics: the name of its API key (never the key itself), or '' without keys."""
     return request.get(KEY_NAME, "")
+
+
+def job_owner(request: web.Request) -> str | None:
+    """Whose jobs a request may see, for every lookup of a job (``JobManager.record``): its key's
+    name; None on a server without keys, where every job is everyone's, as it was before keys."""
+    return owner_of(request) if request.app[API_KEYS] else None
 
 
 def matching_key(candidate: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
@@ -74,6 +84,12 @@ def refusal(request: web.Request, keys: tuple[ApiKey, ...]) -> web.Response | No
         )
     if entry is None:
         return json_error(401, "The API key is not valid.", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    if request.path in OPERATOR_PATHS and not entry.operator:
+        return json_error(
+            403,
+            f"{request.path} shows every API key's figures: it needs an operator key (a line of --api-key-file "
+            "ending in :operator, or --api-key).",
+        )
     return None
 
 

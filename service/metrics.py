@@ -6,35 +6,49 @@ every refusal. Levels (queue depth, jobs by state, workers, restarts) are read w
 app has its own registry, so several apps in one process (the tests) never share numbers.
 Labels are bounded: worker ids, route templates (never raw paths), statuses, and API key *names*
 (never keys) from the operator's key file.
+
+Prometheus's ``increase()`` and ``rate()`` see a series only from its first sample, so a labelled
+counter born at its first value loses that first batch: every label value known in advance (refusal
+statuses, key names, outcomes of the workers known at a scrape) is exported at 0 from the start.
+No ``_created`` series: they double the series stored and Prometheus does not read them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami import docs
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from contract.failures import FailureReason
 from contract.states import JobState, WorkerState
 from gpu_workers.messages import ShardDone, ShardFailed, ShardTask
+from schemas.common import UNAUTHORIZED
 
 # The statuses that mean "not now" or "not this": what an operator watches for overload.
 REFUSAL_STATUSES = frozenset({413, 429, 503, 507})
+# Routes whose answers are never refusals: /health's 503 reports that no worker is ready (while the
+# server starts, a monitor polls it), and the documentation is served whatever the load.
+NEVER_REFUSED_ROUTES = frozenset({"/health", "/docs", "/openapi.json", "/static/swagger"})
+IMAGE_OUTCOMES = ("finished", "failed")
 SHARD_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 IMAGE_BUCKETS = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 2, 4, 8, 30)
 FIRST_IMAGE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
+# prometheus-client has no per-registry switch (client_python #973 chose a global one); no registry
+# of this process wants them.
+disable_created_metrics()
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, key_names: tuple[str, ...] = ("",)) -> None:
+        """``key_names``: the configured API keys' names ('' alone for a server without keys)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.images = Counter("sdxl_images", "Images finished or failed, per worker", ["worker", "outcome"], registry=r)
@@ -50,6 +64,10 @@ class Metrics:
             buckets=REQUEST_BUCKETS, registry=r,
         )
         self.accepted = Counter("sdxl_accepted_images", "Images accepted, per API key name ('' without keys)", ["key"], registry=r)
+        for status in sorted(REFUSAL_STATUSES):
+            self.refusals.labels(str(status))
+        for name in key_names:
+            self.accepted.labels(name)
         # Levels read at each scrape (``_Levels``): peak device memory per worker as reported, and
         # the jobs by state, which the route reads from the database before it renders.
         self.peaks: dict[str, int] = {}
@@ -61,6 +79,13 @@ class Metrics:
     def follow(self, app: web.Application) -> None:
         """Read the app's levels at each scrape (queue, jobs, workers)."""
         self.registry.register(_Levels(app, self))
+
+    def know_workers(self, worker_ids: list[int]) -> None:
+        """Each worker's image counters at 0 from the first scrape that knows the worker (local
+        workers from the start, remote ones from their first heartbeat)."""
+        for worker in worker_ids:
+            for outcome in IMAGE_OUTCOMES:
+                self.images.labels(str(worker), outcome)
 
     # ----- the engine's events (``Scheduler.observers``) -------------------------------------
 
@@ -88,9 +113,8 @@ class Metrics:
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).observe(seconds)
-        if status in REFUSAL_STATUSES:
+        if status in REFUSAL_STATUSES and route not in NEVER_REFUSED_ROUTES:
             self.refusals.labels(str(status)).inc()
-
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -147,14 +171,16 @@ METRICS = web.AppKey("metrics", Metrics)
 @docs(
     tags=["info"],
     summary="Prometheus metrics",
+    operation_id="metrics",
     description="Prometheus text format (scrape it; see README, Monitoring). Needs an API key when the server has keys.",
-    responses={200: {"description": "The metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={200: {"description": "The metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}, **UNAUTHORIZED},
 )
 async def metrics(request: web.Request) -> web.Response:
-    from service.keys import JOBS
+    from service.keys import JOBS, POOL
 
     collected = request.app[METRICS]
-    collected.jobs_by_state = await asyncio.to_thread(request.app[JOBS].db.count_by_state)
+    collected.know_workers([worker.worker_id for worker in request.app[POOL].snapshot()])
+    collected.jobs_by_state = await request.app[JOBS].db.run(request.app[JOBS].db.count_by_state)
     body = collected.render()
     response = web.Response(body=body, headers={"Cache-Control": "no-store"})
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

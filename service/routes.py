@@ -8,8 +8,19 @@ import logging
 from aiohttp import web
 from aiohttp_apigami import docs, request_schema, response_schema
 
-from schemas.common import IDEMPOTENCY_CONFLICT_EXAMPLE, IDEMPOTENCY_PARAMETER, RootSchema, error_response
-from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema
+from schemas.common import (
+    IDEMPOTENCY_PARAMETER,
+    JOB_ID_HEADER_DOC,
+    REPLAYED_HEADER_DOC,
+    REQUEST_ID_HEADER_DOC,
+    RETRY_AFTER_HEADER_DOC,
+    SUBMISSION_ERRORS,
+    UNAUTHORIZED,
+    RootSchema,
+    binary_content,
+    error_response,
+)
+from schemas.generate import EXAMPLE_REQUEST, MAX_IMAGES_PER_PROMPT, GenerateRequestSchema
 from schemas.health import HealthSchema
 from service import __version__
 from service.access_log import REQUEST_ID
@@ -30,7 +41,7 @@ from service.submission import submit
 log = logging.getLogger(__name__)
 
 
-@docs(tags=["info"], summary="API information and available endpoints")
+@docs(tags=["info"], summary="API information and available endpoints", operation_id="root", responses=UNAUTHORIZED)
 @response_schema(RootSchema, 200)
 async def root(request: web.Request) -> web.Response:
     return web.json_response(
@@ -48,6 +59,11 @@ async def root(request: web.Request) -> web.Response:
                 "archive": "/jobs/{id}/archive - GET - A job's images as one zip with a manifest; ?since=N for the rest",
             },
             "sizes": list(request.app[SETTINGS].allowed_sizes()),
+            "limits": {
+                "max_images": request.app[SETTINGS].max_images,
+                "max_prompt_chars": request.app[SETTINGS].max_prompt_chars,
+                "max_images_per_prompt": MAX_IMAGES_PER_PROMPT,
+            },
             "formats": {name: {"default_quality": f.default_quality} for name, f in IMAGE_FORMATS.items()},
         }
     )
@@ -56,6 +72,7 @@ async def root(request: web.Request) -> web.Response:
 @docs(
     tags=["info"],
     summary="Health check (no API key needed)",
+    operation_id="health",
     security=[],
     description="200 while at least one worker takes work; 503 while none does (starting, or every worker failed: see `workers[].error`).",
     responses={
@@ -104,6 +121,7 @@ async def health(request: web.Request) -> web.Response:
 @docs(
     tags=["generate"],
     summary="Generate images from prompts",
+    operation_id="generate",
     description=(
         "Generates `len(prompts) x num_images_per_prompt` 1024x576 images (at most 150) with SDXL-Lightning, 8 steps. "
         "Every accepted request is a job: its id comes as `X-Job-Id` with the status line and as `job_id` in the body, "
@@ -122,34 +140,28 @@ async def health(request: web.Request) -> web.Response:
     responses={
         200: {
             "description": "The images, in request order (or `success: false` after heartbeats); NDJSON lines with `Accept: application/x-ndjson`",
+            "headers": {**JOB_ID_HEADER_DOC, **REQUEST_ID_HEADER_DOC, **REPLAYED_HEADER_DOC},
             "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/GenerateResponse"}},
                 NDJSON_CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/ProgressLine"}},
             },
         },
-        400: error_response(
-            "Invalid body: bad JSON, wrong types, limits",
-            "Invalid request: num_images_per_prompt: Not a valid integer (send a whole JSON number, without quotes or decimals).",
-        ),
-        401: error_response(
-            "Missing or wrong API key (only when the server has one set)",
-            "This server needs an API key: send Authorization: Bearer <key> or X-API-Key: <key>.",
-        ),
-        413: error_response(
-            "Body larger than the server's limit (1 MiB by default)",
-            "The request body is too large: Maximum request body size 1048576 exceeded.",
-        ),
+        **SUBMISSION_ERRORS,
         409: error_response("The job was cancelled (DELETE /jobs/{id}) before heartbeats started", "The job was cancelled (DELETE /jobs/{id})."),
-        422: error_response("The Idempotency-Key was used for another body", IDEMPOTENCY_CONFLICT_EXAMPLE),
+        410: error_response(
+            "The job was done before heartbeats started, but the disk budget removed some of its images",
+            "Job 3f2b9c4e5d6a47f8a9b0c1d2e3f4a5b6 is done, but 2 of its images were removed to keep the image folder within its disk budget.",
+        ),
         500: error_response("Generation failed before heartbeats started", "Image generation failed: CUDA out of memory"),
         503: error_response(
             "Queue full, no worker ready, or shutting down (a job the shutdown interrupted resumes after the restart: "
             "GET /jobs/{id}); Retry-After says when to try again",
             "The server is busy: 580 image(s) are queued and this request would take the total past the limit of 600. Retry in about 45 s.",
+            headers=RETRY_AFTER_HEADER_DOC,
         ),
     },
 )
-@request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST, add_to_refs=True)
+@request_schema(GenerateRequestSchema, example=EXAMPLE_REQUEST, add_to_refs=True, required=True)
 async def generate(request: web.Request) -> web.StreamResponse:
     with request.app[LIFECYCLE].request():
         submitted = await submit(request, request["data"])
@@ -209,6 +221,7 @@ async def _answer_with_heartbeats(
 @docs(
     tags=["generate"],
     summary="An image of a job (the links of return_format url)",
+    operation_id="get_image",
     security=[],
     description=(
         "No API key is needed, even on a keyed server: the name holds 128 random bits, which no one can guess, so "
@@ -219,8 +232,8 @@ async def _answer_with_heartbeats(
     parameters=[{"in": "path", "name": "image_name", "required": True, "schema": {"type": "string"}, "description": "32 hex digits and the format's extension, e.g. 0123456789abcdef0123456789abcdef.webp"}],
     responses={
         200: {
-            "description": "The image, in the format of its request",
-            "content": {ctype: {"schema": {"type": "string", "format": "binary"}} for ctype in CONTENT_TYPES.values()},
+            "description": "The image, in the format of its request (application/octet-stream: the same bytes, for a client that asks for that)",
+            "content": binary_content(*CONTENT_TYPES.values()),
         },
         404: error_response("Unknown or expired image", "No such image: it never existed or has expired."),
     },

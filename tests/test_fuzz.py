@@ -42,7 +42,7 @@ def test_schemathesis_finds_no_failure(start_server, tmp_path: Path) -> None:
     summary = result.stdout[result.stdout.rfind("SUMMARY"):]
     print(summary)  # the counts: operations, cases, failures
     assert result.returncode == 0, result.stdout[-6000:]
-    assert re.search(r"Tested: 11", summary), "all eleven operations (jobs, archive, metrics and /ui included) must have been exercised"
+    assert re.search(r"Tested: 12", summary), "all twelve operations (jobs, archive, re-rolls, metrics and /ui included) must have been exercised"
     generated = int(re.search(r"(\d+) generated", summary).group(1))
     assert generated >= 100
     # /health answers 503 while the worker starts, before the run; everything else must be < 500.

@@ -1,6 +1,8 @@
 """Issue 17 in the test's own process: /metrics that move with the work and pass Prometheus's own
 ``promtool check metrics``, named API keys, and fair shares between keys (round-robin, a per-key
-bound with 429). The real scheduler, jobs and database; fake workers (``tests/fake_transport.py``)."""
+bound with 429). Issue 24: every known series at 0 from the first scrape, no ``_created`` series,
+/health and the docs never refusals. The real scheduler, jobs and database; fake workers
+(``tests/fake_transport.py``)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from contract.states import JobState
 from service.app import create_app
 from service.settings import Settings, load_settings
 from tests.debian_packages import PROBLEMS
@@ -24,11 +27,12 @@ from tests.fake_transport import FAIL, FakeTransport, fake_engine
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdefgh"
+OPS = "ops-key-0123456789abcdefgh"  # an operator key: /metrics shows every key's figures (tests/test_key_isolation.py)
 
 
 async def start(aiohttp_client: Any, tmp_path: Path, transport: FakeTransport, **settings: object) -> TestClient:
     keys = tmp_path / "keys.txt"
-    keys.write_text(f"# the team\nalice:{ALICE}\nbob:{BOB}\n")
+    keys.write_text(f"# the team\nalice:{ALICE}\nbob:{BOB}\nops:{OPS}:operator\n")
     base = Settings(image_dir=str(tmp_path / "images"), job_db=str(tmp_path / "jobs.sqlite3"), heartbeat_interval=0.2, api_key_file=str(keys))
     config = replace(base, **settings)
     return await aiohttp_client(create_app(config, fake_engine(transport, max_batch=config.max_batch)))
@@ -39,17 +43,31 @@ def as_(key: str) -> dict[str, str]:
 
 
 async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await client.get("/metrics", headers=as_(ALICE))
+    response = await client.get("/metrics", headers=as_(OPS))
     assert response.status == 200 and response.content_type == "text/plain"
-    samples = {}
-    for family in text_string_to_metric_families(await response.text()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+    return parsed(await response.text())
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def parsed(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def promtool_check(text: str) -> None:
+    """Prometheus's own linter: no error and no remark (skips where the Debian package is missing)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(PROBLEMS.get("promtool", "promtool (Debian package prometheus) is not installed"))
+    checked = subprocess.run([promtool, "check", "metrics"], check=False, input=text, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == "" and checked.stderr.strip() == "", "no lint remarks either"
 
 
 async def test_metrics_move_with_the_work_and_need_a_key(aiohttp_client, tmp_path: Path) -> None:
@@ -83,16 +101,40 @@ async def test_metrics_move_with_the_work_and_need_a_key(aiohttp_client, tmp_pat
 
 
 async def test_metrics_pass_promtool_check(aiohttp_client, tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip(PROBLEMS.get("promtool", "promtool (Debian package prometheus) is not installed"))
     client = await start(aiohttp_client, tmp_path, FakeTransport())
     await client.post("/generate", json={"prompts": ["a", "b"]}, headers=as_(BOB))
-    text = await (await client.get("/metrics", headers=as_(BOB))).text()
+    text = await (await client.get("/metrics", headers=as_(OPS))).text()
     assert "sdxl_images_total" in text
-    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert checked.stdout.strip() == "" and checked.stderr.strip() == "", "no lint remarks either"
+    promtool_check(text)
+
+
+async def test_the_first_scrape_shows_every_known_series_at_zero_and_health_is_no_refusal(aiohttp_client, tmp_path: Path) -> None:
+    """Prometheus's ``increase()`` starts a series at its first sample: a counter born at 1 loses
+    that 1. So the first scrape already has each refusal status, key name, job state and known
+    worker's outcomes at 0, and no ``_created`` series. A server still starting answers /health
+    with 503 to every poll, and its docs are read meanwhile: none of that is a refusal."""
+    transport = FakeTransport(workers_count=2, ready=False)
+    client = await start(aiohttp_client, tmp_path, transport)
+    for _ in range(3):
+        assert (await client.get("/health")).status == 503
+    for path in ("/docs", "/openapi.json", "/static/swagger/swagger-ui.css"):
+        assert (await client.get(path)).status == 200, path
+    text = await (await client.get("/metrics", headers=as_(OPS))).text()
+    assert "_created" not in text
+    first = parsed(text)
+    known = [("sdxl_refusals_total", {"status": status}) for status in ("413", "429", "503", "507")]
+    known += [("sdxl_accepted_images_total", {"key": name}) for name in ("alice", "bob", "ops")]
+    known += [("sdxl_images_total", {"worker": worker, "outcome": outcome}) for worker in ("0", "1") for outcome in ("finished", "failed")]
+    known += [("sdxl_jobs", {"state": state.value}) for state in JobState]
+    known += [("sdxl_shard_timeouts_total", {}), ("sdxl_refused_connections_total", {})]
+    missing = [(name, labels) for name, labels in known if (name, tuple(sorted(labels.items()))) not in first]
+    assert missing == [], f"not in the first scrape: {missing}"
+    assert all(value(first, name, **labels) == 0 for name, labels in known)
+    assert value(first, "sdxl_request_duration_seconds_count", route="/health", method="GET", status="503") == 3
+    promtool_check(text)
+    # A request for work while no worker is ready is refused, and counted as such.
+    assert (await client.post("/jobs", json={"prompts": ["x"]}, headers=as_(BOB))).status == 503
+    assert value(await scrape(client), "sdxl_refusals_total", status="503") == 1
 
 
 async def test_a_key_past_its_share_gets_429_while_the_other_is_served_first(aiohttp_client, tmp_path: Path, caplog) -> None:

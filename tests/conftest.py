@@ -10,9 +10,7 @@ import pytest
 
 from tests.debian_packages import PROBLEMS, install_missing
 from tests.redis_server import RedisServer
-from tests.server_process import ServerProcess, port_is_free
-
-REFERENCE_PORT = 8000
+from tests.server_process import ServerProcess
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -57,16 +55,6 @@ def redis_server() -> Iterator[RedisServer]:
 def server(start_server) -> ServerProcess:
     """The main tiny-model server: one CPU worker, shards of 2, on a free port."""
     return start_server("--model", "tiny", "--workers", "1", "--max-batch", "2")
-
-
-@pytest.fixture(scope="session")
-def reference_server(start_server) -> ServerProcess:
-    """A tiny-model server on the reference's port 8000, which its client examples hard-code. Only
-    tests/test_reference_clients.py uses it, so one process of a parallel run (files are kept
-    together: ``--dist loadfile``) has it; they skip where something else holds the port."""
-    if not port_is_free(REFERENCE_PORT):
-        pytest.skip(f"port {REFERENCE_PORT} is taken; the reference examples hard-code it")
-    return start_server("--model", "tiny", "--workers", "1", "--max-batch", "2", port=REFERENCE_PORT)
 
 
 @pytest.fixture(scope="session")

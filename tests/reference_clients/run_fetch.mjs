@@ -1,5 +1,7 @@
 // Runs fetch.js, the reference description's JavaScript example copied verbatim, in Node 20, and
 // prints what it put on the page as one JSON line: {"images": [{"tag", "width", "height", "bytes"}]}.
+// Usage: node run_fetch.mjs SERVER_URL. The one change to the snippet: its http://localhost:8000 becomes
+// SERVER_URL, so the test server runs on a free port.
 //
 // Why Node with a stub `document`: the example is browser code (document.createElement), but the
 // request, the wait for the heartbeats and `response.json()` are Node's own `fetch` (undici), so this
@@ -43,5 +45,9 @@ process.on('beforeExit', () => {
   console.log(JSON.stringify({ images: appended.map(describe) }));
 });
 
+const [serverUrl] = process.argv.slice(2);
+if (!serverUrl) throw new Error('usage: node run_fetch.mjs SERVER_URL');
 const snippet = fileURLToPath(new URL('./fetch.js', import.meta.url));
-vm.runInThisContext(readFileSync(snippet, 'utf8'), { filename: snippet });
+const source = readFileSync(snippet, 'utf8');
+if (!source.includes('http://localhost:8000')) throw new Error('fetch.js no longer calls http://localhost:8000');
+vm.runInThisContext(source.replaceAll('http://localhost:8000', serverUrl), { filename: snippet });

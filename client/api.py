@@ -160,6 +160,16 @@ class GenerateClient:
         self._success(answer)  # raises the right error for what the server said
         raise ClientError(f"unexpected answer from {self.base_url}/jobs (HTTP {answer.status}): {answer.detail()}")
 
+    def server_sizes(self) -> tuple[str, ...] | None:
+        """The image sizes the server makes (``GET /``'s ``sizes``), or None where it does not say
+        (the reference server): checked before a batch starts, so a wrong ``--size`` costs nothing."""
+        answer = self._send_with_retries("GET", "/", {})
+        data = answer.json() if answer.status == 200 else None
+        sizes = data.get("sizes") if isinstance(data, dict) else None
+        if answer.status == 401:
+            self._success(answer)  # the key's error, as every other call gives it
+        return tuple(str(size) for size in sizes) if isinstance(sizes, list) else None
+
     def job_status(self, job_id: str) -> dict[str, Any]:
         """``GET /jobs/{id}`` once, without reattaching (for ``--job``, before following it)."""
         try:

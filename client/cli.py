@@ -43,6 +43,7 @@ from client.png_text import add_text
 from client.storyboard import SEED_SPACE, Shot, image_stem, read_shots
 
 DEFAULT_URL = "http://localhost:8000"
+API_KEY_VARIABLE = "SDXL_API_KEY"  # where the key comes from when --api-key is not given
 DEFAULT_MAX_IMAGES = 150
 HEALTH_POLL_SECONDS = 1.0
 FORMATS = tuple(EXTENSIONS)  # png, webp, jpeg
@@ -152,10 +153,21 @@ class Progress:
 
     saved: list[Path] = field(default_factory=list)
     job_id: str | None = None
-    job_saved: int = 0
     job_images: int = 0
+    # The job's images found on disk before, and where its own saves start in ``saved``: the count
+    # is derived from the list, whose append is the one step of a save, so a Ctrl-C at any moment
+    # counts every file that is there (a counter bumped after the save could miss the last one).
+    job_had: int = 0
+    job_saves_from: int = 0
     sending: bool = False
     images_after: int = 0  # images of the file after the current job's (not sent yet)
+
+    def start_job(self, job_id: str, images: int, had: int) -> None:
+        self.job_id, self.job_images, self.job_had, self.job_saves_from = job_id, images, had, len(self.saved)
+
+    @property
+    def job_saved(self) -> int:
+        return self.job_had + len(self.saved) - self.job_saves_from
 
 
 def _positive_int(text: str) -> int:
@@ -218,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("-o", "--output-dir", default="images", help="folder for the image files, created if missing (default: %(default)s)")
     add("--url", default=os.environ.get("SDXL_URL", DEFAULT_URL), help="server base URL (default: $SDXL_URL or %(default)s)")
     # No default shown here: --help must never print a key taken from the environment.
-    add("--api-key", help="API key, if the server needs one (default: $SDXL_API_KEY)")
+    add("--api-key", help=f"API key, if the server needs one (default: ${API_KEY_VARIABLE})")
     add("-n", "--num-images-per-prompt", type=_positive_int, default=1, help="variations per prompt (default: %(default)s)")
     add("--seed", type=int, help="seed of the first image; image i gets seed + i (default: a random one, printed)")
     add("--negative-prompt", help="what to avoid (the server uses it only with --guidance-scale above 1)")
@@ -339,7 +351,7 @@ def follow(
     ``from_disk``: images whose files are in the folder already are not fetched again (--job)."""
     progress, bar = saver.progress, saver.bar
     have = {i for i, seed in enumerate(seeds) if saver.present(stem(i, seed))} if from_disk else set()
-    progress.job_id, progress.job_images, progress.job_saved = job_id, images, len(have)
+    progress.start_job(job_id, images, len(have))
     if have and not saver.quiet:
         bar.write(f"sdxl-client: job {job_id}: {len(have)} of its image(s) are in {saver.out_dir} already", file=sys.stderr)
 
@@ -352,7 +364,6 @@ def follow(
                 exit_code=2,
             )
         saver.save(stem(image.index, image.seed), expected or image.prompt or "", image.seed, image.data)
-        progress.job_saved += 1
         _advance(bar, first_index + len(have) + 1)
 
     def on_progress(done: int, total: int) -> None:
@@ -463,6 +474,13 @@ def _job_status(client: GenerateClient, job_id: str) -> dict[str, Any]:
         raise ClientError(str(exc), exit_code=2) from None
 
 
+def check_size(client: GenerateClient, size: str) -> None:
+    """``--size`` against the sizes the server says it makes, before anything is sent or shown."""
+    sizes = client.server_sizes()
+    if sizes is not None and size not in sizes:
+        raise ClientError(f"--size {size} is not made by {client.base_url}: it makes {', '.join(sizes)}", exit_code=2)
+
+
 def resume_command(args: argparse.Namespace, plan: Plan | None, job_id: str) -> str:
     """The exact command that fetches ``job_id`` into the same folder under the same names (and,
     with the prompts file, goes on with the rest of it)."""
@@ -486,6 +504,14 @@ def resume_command(args: argparse.Namespace, plan: Plan | None, job_id: str) -> 
     return shlex.join(parts)
 
 
+def stop_command(url: str, job_id: str, keyed: bool) -> str:
+    """The ``curl`` that cancels a job. On a keyed server its header names ``$SDXL_API_KEY`` for the
+    shell to fill in: the key itself never reaches the terminal, its scrollback or a pasted log."""
+    header = f' -H "Authorization: Bearer ${API_KEY_VARIABLE}"' if keyed else ""
+    target = shlex.quote(url.rstrip("/") + f"/jobs/{job_id}")
+    return f"curl -X DELETE{header} {target}"
+
+
 def interrupted(args: argparse.Namespace, plan: Plan | None, progress: Progress) -> str:
     """What a Ctrl-C leaves behind, and the command that picks it up."""
     saved = f" {len(progress.saved)} image(s) were saved to {args.output_dir}." if progress.saved else ""
@@ -495,11 +521,13 @@ def interrupted(args: argparse.Namespace, plan: Plan | None, progress: Progress)
         later = progress.images_after if plan is not None and args.prompts_file not in (None, "-") else 0
         rest = f" and go on with the {later} image(s) of the file after it" if later else ""
         key = " (with your --api-key)" if args.api_key else ""
+        keyed = bool(args.api_key or os.environ.get(API_KEY_VARIABLE))
+        set_it = f" (with {API_KEY_VARIABLE} set to your key)" if args.api_key else ""
         return (
             f"sdxl-client: interrupted.{saved} Job {job} goes on on the server ({progress.job_saved} of its "
             f"{progress.job_images} image(s) saved). To fetch its images{rest}, run{key}:\n"
             f"  {resume_command(args, plan, job)}\n"
-            f"sdxl-client: to stop the job instead: curl -X DELETE {url}/jobs/{job}"
+            f"sdxl-client: to stop the job instead{set_it}: {stop_command(url, job, keyed)}"
         )
     if progress.sending:
         return f"sdxl-client: interrupted while sending a batch.{saved} If the server took it, it goes on: GET {url}/jobs lists your jobs."
@@ -512,10 +540,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress()
     plan: Plan | None = None
     try:
-        api_key = args.api_key or os.environ.get("SDXL_API_KEY")
+        api_key = args.api_key or os.environ.get(API_KEY_VARIABLE)
         client = GenerateClient(
             args.url, api_key=api_key, read_timeout=args.timeout, retries=args.retries, reattach_seconds=args.reattach_for
         )
+        if args.size is not None:
+            check_size(client, args.size)
         if args.prompts_file is None:
             fetch_job(args.job, client, Path(args.output_dir), args.quiet, progress)
         else:

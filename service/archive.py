@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from zipstream import ZIP_STORED, ZipStream
 
 from contract.batch import BatchSpec
 from service.job_db import JobRecord, StoredImage
+from service.variants import Variant
 
 MANIFEST_NAME = "manifest.json"
 # Bytes handed from the reading thread to the event loop at a time.
@@ -33,6 +34,8 @@ class ArchiveEntry:
     image: StoredImage
     path: Path
     file: str
+    # A re-roll of the job's image ``variant.index`` (``service.variants``); None for the job's own.
+    variant: Variant | None = None
 
 
 def entry_name(spec: BatchSpec, index: int, name: str) -> str:
@@ -57,13 +60,29 @@ def manifest(record: JobRecord, since: int, entries: list[ArchiveEntry]) -> dict
                 "file": entry.file,
                 "prompt": prompts[entry.image.index],
                 "seed": record.spec.seeds[entry.image.index],
-                "sha256": entry.image.sha256,
-                "bytes": entry.image.bytes,
-                "receipt": None if entry.image.receipt is None else json.loads(entry.image.receipt),
+                **_stored(entry.image),
             }
             for entry in entries
+            if entry.variant is None
+        ],
+        "variants": [
+            {
+                "index": entry.variant.index,
+                "variant": entry.variant.number,
+                "job_id": entry.variant.record.job_id,
+                "file": entry.file,
+                "prompt": prompts[entry.variant.index],
+                "seed": entry.variant.seed,
+                **_stored(entry.image),
+            }
+            for entry in entries
+            if entry.variant is not None
         ],
     }
+
+
+def _stored(image: StoredImage) -> dict[str, Any]:
+    return {"sha256": image.sha256, "bytes": image.bytes, "receipt": None if image.receipt is None else json.loads(image.receipt)}
 
 
 def build_zip(record: JobRecord, since: int, entries: list[ArchiveEntry]) -> ZipStream:
@@ -86,8 +105,8 @@ def _next_block(chunks: Iterator[bytes]) -> bytes:
     return b"".join(parts)
 
 
-async def blocks(archive: ZipStream) -> Any:
-    """The archive's bytes, read in a thread a block at a time."""
+async def blocks(archive: ZipStream, run: Callable[..., Awaitable[bytes]] = asyncio.to_thread) -> Any:
+    """The archive's bytes, read a block at a time in a thread (``run``: the image store's own)."""
     chunks = iter(archive)
-    while block := await asyncio.to_thread(_next_block, chunks):
+    while block := await run(_next_block, chunks):
         yield block

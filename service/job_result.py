@@ -58,6 +58,8 @@ class JobResult:
     # A done job's images in request order: bytes (just made) or stored files, and their names.
     images: tuple[bytes | Path, ...] = ()
     image_ids: tuple[str, ...] = ()
+    # The store the files are read back from, on its own threads (None: images in memory).
+    store: ImageStore | None = None
 
     @classmethod
     def from_live(
@@ -88,7 +90,7 @@ class JobResult:
         missing = sum(path is None for path in paths)
         if missing:
             return replace(self, state=JobState.FAILED, status=410, detail=evicted_detail(self.job_id, missing))
-        return replace(self, images=tuple(path for path in paths if path is not None), image_ids=image_ids)
+        return replace(self, images=tuple(path for path in paths if path is not None), image_ids=image_ids, store=store)
 
     @property
     def done(self) -> bool:
@@ -131,7 +133,8 @@ class JobResult:
             if self.spec.as_url:
                 value = image_value(self.spec, image, image_id, base)
             else:
-                value = await asyncio.to_thread(image_value, self.spec, image, image_id, base)
+                run = self.store.run if self.store is not None else asyncio.to_thread
+                value = await run(image_value, self.spec, image, image_id, base)
             await writer.write((b'"' if index == 0 else b', "') + value + b'"')
         rest = json.dumps({**self.success_fields(), **(extra or {})})
         await writer.write(b"], " + rest[1:].encode())

@@ -39,6 +39,7 @@ from service.job_db import (
     JobDatabase,
     JobRecord,
     StoredImage,
+    VariantOf,
 )
 from service.webhook_outbox import WebhookTarget
 
@@ -122,14 +123,14 @@ class JobManager:
 
     async def sweep(self) -> int:
         """Delete image files no job names (a kill between a file and its row) and partial ones."""
-        known = await asyncio.to_thread(self.db.all_image_ids)
-        return await asyncio.to_thread(self.store.sweep, known)
+        known = await self.db.run(self.db.all_image_ids)
+        return await self.store.run(self.store.sweep, known)
 
     async def resume(self) -> int:
         """Submit the unfinished shards of every job a stop or a kill interrupted."""
-        records = await asyncio.to_thread(self.db.unfinished)
+        records = await self.db.run(self.db.unfinished)
         for record in records:
-            done = await asyncio.to_thread(self.db.image_ids, record.job_id)
+            done = await self.db.run(self.db.image_ids, record.job_id)
             job = LiveJob(record.job_id, record.spec, len(done), record.created_at, state=record.state, owner=record.owner)
             job.warnings.update(dict.fromkeys(record.warnings))
             shards = [
@@ -194,13 +195,19 @@ class JobManager:
             self._reserved_by_owner.pop(owner, None)
 
     async def create(
-        self, job_id: str, spec: BatchSpec, owner: str = "", idempotency: Idempotency | None = None, webhook: WebhookTarget | None = None
+        self,
+        job_id: str,
+        spec: BatchSpec,
+        owner: str = "",
+        idempotency: Idempotency | None = None,
+        webhook: WebhookTarget | None = None,
+        variant_of: VariantOf | None = None,
     ) -> tuple[LiveJob, asyncio.Queue[JobEvent]]:
         """Record the job, then queue all its shards; the caller listens from the first event.
         Its images were reserved by admission: released here once the engine counts them.
         ``IdempotencyKeyTaken`` when a request with the same key got there first."""
         try:
-            record = await asyncio.to_thread(self.db.create, job_id, spec, owner, idempotency, webhook)
+            record = await self.db.run(self.db.create, job_id, spec, owner, idempotency, webhook, variant_of)
             job = LiveJob(job_id, spec, 0, record.created_at, owner=owner)
             listener = job.listen()
             self._run(job, split_into_shards(job_id, spec))
@@ -208,8 +215,9 @@ class JobManager:
             self._release(spec.total_images, owner)
         return job, listener
 
-    async def record(self, job_id: str) -> JobRecord | None:
-        return await asyncio.to_thread(self.db.get, job_id)
+    async def record(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """The job; with ``owner`` (``service.auth.job_owner``), None for another key's job."""
+        return await self.db.run(self.db.get, job_id, owner)
 
     async def attach(self, job_id: str) -> tuple[LiveJob, asyncio.Queue[JobEvent]] | None:
         """Listen to a job accepted before (an idempotent retry): a running one from now on; one
@@ -230,22 +238,22 @@ class JobManager:
         return job, listener
 
     async def stored_images(self, job_id: str, since: int = 0) -> list[StoredImage]:
-        return await asyncio.to_thread(self.db.stored_images, job_id, since)
+        return await self.db.run(self.db.stored_images, job_id, since)
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         """Queued shards never run; a shard already running finishes and its images are kept."""
         job = self._live.get(job_id)
         if job is not None:
-            await asyncio.to_thread(self.db.finish, job_id, CANCELLED, CANCELLED_DETAIL)
+            await self.db.run(self.db.finish, job_id, CANCELLED, CANCELLED_DETAIL)
             job.state = CANCELLED
             self.pool.abandon(job_id)
         return await self.record(job_id)
 
     async def expire(self, retention_seconds: float) -> int:
         """Remove the jobs that ended longer ago than the retention time, and their images."""
-        removed = await asyncio.to_thread(self.db.remove_finished_before, time.time() - retention_seconds)
+        removed = await self.db.run(self.db.remove_finished_before, time.time() - retention_seconds)
         for image_ids in removed.values():
-            await asyncio.to_thread(self.store.remove_all, image_ids)
+            await self.store.run(self.store.remove_all, image_ids)
         return len(removed)
 
     # ----- following one job -----------------------------------------------------------------
@@ -259,7 +267,7 @@ class JobManager:
     async def _follow(self, job: LiveJob, handle: RequestEvents | None) -> None:
         try:
             ended = await self._collect(job, handle) if handle is not None else JobEnded(DONE)
-            await asyncio.to_thread(self.db.finish, job.job_id, ended.state, ended.detail)
+            await self.db.run(self.db.finish, job.job_id, ended.state, ended.detail)
             job.state = ended.state
             log.info("job %s %s: %d of %d image(s)%s", job.job_id, ended.state, job.images_done, job.spec.total_images,
                      f" ({ended.detail})" if ended.detail else "")
@@ -272,7 +280,7 @@ class JobManager:
             if handle is not None:
                 self.pool.abandon(job.job_id)
             try:
-                await asyncio.to_thread(self.db.finish, job.job_id, FAILED, detail)
+                await self.db.run(self.db.finish, job.job_id, FAILED, detail)
             except Exception:  # noqa: BLE001
                 log.exception("job %s: could not record its failure", job.job_id)
             job.publish(JobEnded(FAILED, detail))
@@ -314,7 +322,7 @@ class JobManager:
         delay = STORE_RETRY_FIRST
         while True:
             try:
-                stored = await asyncio.to_thread(self._store_shard, job_id, first_index, event, extension)
+                stored = await self.store.run(self._store_shard, job_id, first_index, event, extension)
             except (OSError, sqlite3.OperationalError) as exc:
                 self.store.report(exc)
                 await asyncio.sleep(delay)

@@ -56,7 +56,7 @@ async def stream_progress(
         if index in sent:
             return
         sent.add(index)
-        value = await asyncio.to_thread(image_value, spec, data, name, links)
+        value = await request.app[STORE].run(image_value, spec, data, name, links)
         await write_line(writer, {"type": "image", "index": index, "seed": seeds[index], image_field: value.decode()})
 
     store = request.app[STORE]

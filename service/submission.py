@@ -13,7 +13,7 @@ from service.access_log import REQUEST_ID
 from service.admission import admit
 from service.auth import owner_of
 from service.idempotency import conflict, idempotency_of
-from service.job_db import Idempotency, IdempotencyKeyTaken
+from service.job_db import Idempotency, IdempotencyKeyTaken, VariantOf
 from service.jobs import JobEvent, JobManager, LiveJob
 from service.keys import JOBS
 from service.webhooks import webhook_of
@@ -27,10 +27,15 @@ class Submitted:
     replayed: bool
 
 
-async def submit(request: web.Request, data: dict[str, Any]) -> Submitted | web.Response:
+async def submit(
+    request: web.Request, data: dict[str, Any], variant_of: VariantOf | None = None, asked: dict[str, Any] | None = None
+) -> Submitted | web.Response:
     """The job of this request, or the response that refuses it (400, 422, 503, 507, ...). A
-    retry is answered before admission: it adds no work, so it is served while the queue is full."""
-    idempotency = idempotency_of(request, data)
+    retry is answered before admission: it adds no work, so it is served while the queue is full.
+    ``variant_of``: the job is a re-roll of that image (``data`` its batch, made from the parent's);
+    ``asked``: what the client sent, where it differs from ``data`` (a retry is the same request
+    when that is the same, whatever seed the first one drew)."""
+    idempotency = idempotency_of(request, data if asked is None else asked)
     if isinstance(idempotency, web.Response):
         return idempotency
     jobs = request.app[JOBS]
@@ -46,7 +51,7 @@ async def submit(request: web.Request, data: dict[str, Any]) -> Submitted | web.
     if isinstance(admitted, web.Response):
         return admitted
     try:
-        job, listener = await jobs.create(request[REQUEST_ID], admitted, owner, idempotency, webhook)
+        job, listener = await jobs.create(request[REQUEST_ID], admitted, owner, idempotency, webhook, variant_of)
     except IdempotencyKeyTaken:  # the same key, sent twice at once: the other one won
         assert idempotency is not None
         earlier = await _earlier(jobs, owner, idempotency)
@@ -57,7 +62,7 @@ async def submit(request: web.Request, data: dict[str, Any]) -> Submitted | web.
 
 
 async def _earlier(jobs: JobManager, owner: str, idempotency: Idempotency) -> Submitted | web.Response | None:
-    found = await asyncio.to_thread(jobs.db.by_idempotency_key, owner, idempotency.key)
+    found = await jobs.db.run(jobs.db.by_idempotency_key, owner, idempotency.key)
     if found is None:
         return None
     record, request_hash = found

@@ -18,6 +18,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+import requests
 from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 
@@ -252,3 +253,18 @@ def test_an_empty_prompts_file_is_a_usage_error(tmp_path: Path, capsys) -> None:
     (tmp_path / "p.txt").write_text("# nothing but comments\n\n")
     assert main([str(tmp_path / "p.txt"), "-o", str(tmp_path / "out"), "-q"]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+def test_a_size_the_server_does_not_make_is_refused_before_anything_starts(server: ServerProcess, tmp_path: Path, capsys) -> None:
+    """GET / names the sizes: a wrong --size is one line and exit 2, with no batch sent and no
+    progress bar drawn."""
+    jobs_before = requests.get(server.url + "/jobs", timeout=10).json()["jobs"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a boat\n")
+    code = main([str(prompts), "--url", server.url, "--size", "1080x1920", "-o", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert f"sdxl-client: error: --size 1080x1920 is not made by {server.url}: it makes 1024x576, 576x1024, 1024x1024" in error
+    assert "generating" not in error and "img/s" not in error, "no progress bar before the refusal"
+    assert requests.get(server.url + "/jobs", timeout=10).json()["jobs"] == jobs_before, "no batch was sent"
+    assert not (tmp_path / "out").exists()

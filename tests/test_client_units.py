@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tqdm import tqdm
 
 from client import archive
 from client.api import ClientError
-from client.cli import Plan, Progress, build_parser, interrupted, main, parse_args, resume_command
+from client.api import JobImage
+from client.cli import Plan, Progress, Saver, build_parser, follow, interrupted, main, parse_args, resume_command
 from client.images import has_receipt, image_format
 from client.storyboard import Shot, decode, image_name, read_shots, slug
 
@@ -183,17 +185,19 @@ def test_help_names_the_new_options() -> None:
     assert "--format {png,webp,jpeg}" in text and "--quality 1-100" in text and "--job ID" in text and "storyboard" in text
 
 
-def test_ctrl_c_says_the_job_goes_on_and_the_exact_command_that_fetches_it() -> None:
+def test_ctrl_c_says_the_job_goes_on_and_the_exact_command_that_fetches_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SDXL_API_KEY", raising=False)
     args = parse_args(["my prompts.csv", "-o", "out dir", "--url", "http://gpu.example:8000", "--format", "webp", "--api-key", "k"])
     plan = _plan((Shot("a", "A"),) * 4, seed=77, per_request=2, image_format="webp")
-    progress = Progress(saved=[Path("out dir/000_a_77.webp")], job_id="f" * 32, job_saved=0, job_images=2, images_after=0)
+    progress = Progress(saved=[Path("out dir/000_a_77.webp")], job_id="f" * 32, job_images=2, job_saves_from=1, images_after=0)
     message = interrupted(args, plan, progress)
     assert message.splitlines() == [
         f"sdxl-client: interrupted. 1 image(s) were saved to out dir. Job {'f' * 32} goes on on the server (0 of its 2 image(s) "
         "saved). To fetch its images, run (with your --api-key):",
         f"  sdxl-client 'my prompts.csv' --job {'f' * 32} -o 'out dir' --url http://gpu.example:8000 --seed 77 "
         "--max-images-per-request 2 --format webp",
-        f"sdxl-client: to stop the job instead: curl -X DELETE http://gpu.example:8000/jobs/{'f' * 32}",
+        "sdxl-client: to stop the job instead (with SDXL_API_KEY set to your key): "
+        f'curl -X DELETE -H "Authorization: Bearer $SDXL_API_KEY" http://gpu.example:8000/jobs/{"f" * 32}',
     ]
     progress.images_after = 2
     assert "To fetch its images and go on with the 2 image(s) of the file after it, run" in interrupted(args, plan, progress)
@@ -201,6 +205,32 @@ def test_ctrl_c_says_the_job_goes_on_and_the_exact_command_that_fetches_it() -> 
     assert resume_command(stdin, plan, "abc") == "sdxl-client --job abc -o out --url http://localhost:8000"
     assert interrupted(stdin, plan, Progress(sending=True)).startswith("sdxl-client: interrupted while sending a batch.")
     assert isinstance(parse_args(["--job", "abc"]), argparse.Namespace)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "stop_line"),
+    [
+        ([], {}, "sdxl-client: to stop the job instead: curl -X DELETE 'http://gpu.example/a b/jobs/j1'"),
+        ([], {"SDXL_API_KEY": "env-secret-0123456789"},
+         """sdxl-client: to stop the job instead: curl -X DELETE -H "Authorization: Bearer $SDXL_API_KEY" 'http://gpu.example/a b/jobs/j1'"""),
+        (["--api-key", "flag-secret-0123456789"], {},
+         "sdxl-client: to stop the job instead (with SDXL_API_KEY set to your key): "
+         """curl -X DELETE -H "Authorization: Bearer $SDXL_API_KEY" 'http://gpu.example/a b/jobs/j1'"""),
+    ],
+    ids=["no key", "key from the environment", "key from --api-key"],
+)
+def test_the_ctrl_c_stop_line_names_the_key_variable_and_never_prints_the_key(
+    argv: list[str], environ: dict[str, str], stop_line: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line is pasted into a shell, often on a keyed server behind a tunnel: without the header
+    it would get 401; with the key written out, the key would sit in the scrollback."""
+    monkeypatch.delenv("SDXL_API_KEY", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    args = parse_args(["--job", "j1", "-o", "out", "--url", "http://gpu.example/a b/", *argv])
+    message = interrupted(args, None, Progress(job_id="j1", job_images=1))
+    assert message.splitlines()[-1] == stop_line
+    assert "secret" not in message
 
 
 # ----- the streaming zip reader -----------------------------------------------------------------
@@ -443,3 +473,31 @@ def test_an_image_that_does_not_match_its_sha256_is_an_error_not_a_file() -> Non
             client.follow_job("j", set(), lambda image: pytest.fail("a damaged image was handed over"), lambda done, total: None)
     finally:
         server.close()
+
+
+def test_a_ctrl_c_right_after_a_file_is_saved_counts_that_file(tmp_path: Path) -> None:
+    """The count of the job's saved images comes from the saved files themselves: an interrupt that
+    lands just after a save (before anything else ran) still counts it (it used to say 0 of 8)."""
+
+    class OneImageThenCtrlC:
+        def follow_job(self, job_id, have, on_image, on_progress):  # type: ignore[no-untyped-def]
+            picture = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(picture, format="PNG")
+            on_image(JobImage(0, 5, "a", picture.getvalue()))
+            raise AssertionError("not reached")
+
+    class InterruptedSaver(Saver):
+        def save(self, stem: str, prompt: str, seed: int, data: bytes) -> Path:
+            path = super().save(stem, prompt, seed, data)
+            raise KeyboardInterrupt  # the very next thing after the file is in place
+
+    progress = Progress()
+    with tqdm(disable=True) as bar:
+        saver = InterruptedSaver(tmp_path, bar, True, progress)
+        with pytest.raises(KeyboardInterrupt):
+            follow(OneImageThenCtrlC(), "j" * 32, stem=lambda i, seed: f"{i:03d}_{seed}", prompt=lambda i: None,  # type: ignore[arg-type]
+                   images=8, seeds=range(5, 13), first_index=0, saver=saver, from_disk=False)
+    assert (tmp_path / "000_5.png").exists()
+    message = interrupted(parse_args(["--job", "j" * 32, "-o", str(tmp_path)]), None, progress)
+    assert f"1 image(s) were saved to {tmp_path}. Job {'j' * 32} goes on on the server (1 of its 8 image(s) saved)" in message
+

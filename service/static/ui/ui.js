@@ -1,13 +1,15 @@
 // The page of /ui: submit a batch as a job, follow it, show each image as it is finished.
 // Every request goes to this page's own server (relative URLs); nothing is fetched elsewhere.
+// What the page shows comes from the server (the job, its re-rolled variants, the recent jobs of
+// the key in use), so a link opened on another browser shows the same job.
 
-const KEY_STORE = "sdxl-api-key";        // sessionStorage: asked once per browser session
-const RECENT_STORE = "sdxl-recent-jobs"; // localStorage: this browser's recent jobs
-const RECENT_MAX = 20;
+const KEY_STORE = "sdxl-api-key"; // sessionStorage: asked once per browser session
+const RECENT_SHOWN = 20;
 const POLL_MS = 1000;
+const NARROW = window.matchMedia("(max-width: 600px)");
 
 const $ = (id) => document.getElementById(id);
-const state = { jobId: null, job: null, polling: null, startedAt: 0, firstDone: 0, variants: {} };
+const state = { jobId: null, job: null, polling: null, firstDone: null, limits: null, viewing: -1 };
 
 class ApiError extends Error {
   constructor(status, detail, retryAfter) {
@@ -42,6 +44,14 @@ function explain(error) {
   return error.message;
 }
 
+function postJson(path, body) {
+  return api(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
+    body: JSON.stringify(body),
+  });
+}
+
 // ----- the key ----------------------------------------------------------------------------------
 
 function askForKey(message) {
@@ -65,8 +75,25 @@ function promptLines(text) {
     .map((line) => (/^".*"$/.test(line) ? line.slice(1, -1).replace(/""/g, '"') : line));
 }
 
-function clearErrors() {
-  for (const id of ["prompts-error", "fields-error", "submit-error"]) $(id).textContent = "";
+const ERRORS_OF = {
+  prompts: ["prompts-error", "submit-error"],
+  fields: ["fields-error", "submit-error"],
+};
+
+function clearErrors(which = ["prompts-error", "fields-error", "submit-error"]) {
+  for (const id of which) $(id).textContent = "";
+}
+
+// An error goes away as soon as the input it is about changes.
+$("prompts").addEventListener("input", () => {
+  clearErrors(ERRORS_OF.prompts);
+  showCount();
+});
+for (const id of ["per-prompt", "seed", "size", "format", "quality"]) {
+  $(id).addEventListener("input", () => {
+    clearErrors(ERRORS_OF.fields);
+    showCount();
+  });
 }
 
 function showSubmitError(error) {
@@ -76,6 +103,31 @@ function showSubmitError(error) {
   if (field && field[1] === "prompts") $("prompts-error").textContent = text;
   else if (field) $("fields-error").textContent = text;
   else $("submit-error").textContent = text;
+}
+
+function showCount() {
+  const prompts = promptLines($("prompts").value).length;
+  const images = prompts * Number($("per-prompt").value || 1);
+  $("prompts-count").textContent = prompts === 0 ? "" : `${prompts} prompt(s), ${images} image(s)`;
+}
+
+// The limits the server states in GET /, checked before anything is sent; the server checks again.
+function checkLimits(body) {
+  const limits = state.limits;
+  if (!limits) return null;
+  const count = body.prompts.length;
+  if (count > limits.max_images) {
+    return ["prompts-error", `${count} prompts pasted; the limit is ${limits.max_images}.`];
+  }
+  const long = body.prompts.findIndex((prompt) => prompt.length > limits.max_prompt_chars);
+  if (long >= 0) {
+    return ["prompts-error", `Prompt ${long + 1} has ${body.prompts[long].length} characters; the limit is ${limits.max_prompt_chars}.`];
+  }
+  const images = count * body.num_images_per_prompt;
+  if (images > limits.max_images) {
+    return ["fields-error", `${images} images asked for (${count} prompts x ${body.num_images_per_prompt}); the limit is ${limits.max_images}.`];
+  }
+  return null;
 }
 
 function formBody() {
@@ -91,26 +143,40 @@ function formBody() {
   return body;
 }
 
-$("format").addEventListener("change", () => {
+// A job opened from a link or a reload puts its own settings back into the form, from the server.
+function restoreForm(job) {
+  $("prompts").value = job.prompts.join("\n");
+  $("per-prompt").value = String(job.num_images_per_prompt);
+  $("seed").value = job.seeds.length ? String(job.seeds[0]) : "";
+  if ([...$("size").options].some((option) => option.value === job.size)) $("size").value = job.size;
+  $("format").value = job.format;
+  $("quality").value = job.format === "png" || job.quality === null ? "" : String(job.quality);
+  qualityFollowsFormat();
+  showCount();
+  $("batch-hint").textContent = `${job.prompts.length} prompt(s) · ${job.size} · ${job.format}: open to change and send again`;
+}
+
+function qualityFollowsFormat() {
   $("quality").disabled = $("format").value === "png";
-});
+}
+$("format").addEventListener("change", qualityFollowsFormat);
 
 $("batch-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   clearErrors();
+  const body = formBody();
+  const problem = checkLimits(body);
+  if (problem) {
+    $(problem[0]).textContent = problem[1];
+    return;
+  }
   const button = $("generate");
   button.disabled = true;
   try {
-    const body = formBody();
-    const response = await api("/jobs", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
-      body: JSON.stringify(body),
-    });
-    const job = await response.json();
-    remember(job.job_id, body.prompts[0], job.images_total);
+    const job = await (await postJson("/jobs", body)).json();
     history.pushState(null, "", `/ui?job=${job.job_id}`);
-    follow(job.job_id);
+    follow(job.job_id, false);
+    showRecent();
   } catch (error) {
     showSubmitError(error);
   } finally {
@@ -120,16 +186,23 @@ $("batch-form").addEventListener("submit", async (event) => {
 
 // ----- following a job --------------------------------------------------------------------------
 
-function follow(jobId) {
+function follow(jobId, fromLink) {
   if (state.polling) clearTimeout(state.polling);
-  Object.assign(state, { jobId, job: null, startedAt: performance.now(), firstDone: null, variants: loadVariants(jobId) });
+  Object.assign(state, { jobId, job: null, firstDone: null, restore: fromLink, shownState: null });
+  $("main").classList.add("job-page");
   $("job-panel").hidden = false;
   $("job-id").textContent = jobId;
   $("job-error").textContent = "";
   $("images").replaceChildren();
   $("progress").value = 0;
   $("progress-text").textContent = "Waiting for the server…";
+  if (fromLink && NARROW.matches) $("batch-details").open = false;
   poll();
+}
+
+function unfinished(job) {
+  const running = (s) => s === "queued" || s === "running";
+  return running(job.state) || (job.variants || []).some((variant) => running(variant.state));
 }
 
 async function poll() {
@@ -138,8 +211,14 @@ async function poll() {
     const job = await (await api(`/jobs/${jobId}`)).json();
     if (jobId !== state.jobId) return;
     state.job = job;
+    if (state.restore) {
+      state.restore = false;
+      restoreForm(job);
+    }
     render(job);
-    if (job.state === "queued" || job.state === "running") state.polling = setTimeout(poll, POLL_MS);
+    if (unfinished(job)) state.polling = setTimeout(poll, POLL_MS);
+    else if (job.state !== state.shownState) showRecent(); // the list says how it ended
+    state.shownState = job.state;
   } catch (error) {
     if (jobId !== state.jobId) return;
     $("job-error").textContent = explain(error);
@@ -154,14 +233,22 @@ function finishedOf(job) {
 
 function render(job) {
   const list = $("images");
+  const [width, height] = job.size.split("x").map(Number);
+  list.style.setProperty("--ratio", `${width} / ${height}`);
+  list.classList.toggle("portrait", height > width);
   if (list.children.length !== job.images_total) {
     list.replaceChildren(...Array.from({ length: job.images_total }, (_, index) => slot(job, index)));
   }
-  for (const image of finishedOf(job)) fill(job, image.index, image.url, image.seed);
-  for (const [index, jobs] of Object.entries(state.variants)) for (const variantJob of jobs) followVariant(Number(index), variantJob);
-  const done = job.images_done;
+  for (const image of finishedOf(job)) fill(job, image.index, image.url, image.seed, null);
+  const perIndex = {};
+  for (const variant of job.variants || []) {
+    const number = (perIndex[variant.index] = (perIndex[variant.index] || 0) + 1);
+    if (variant.url) fill(job, variant.index, variant.url, variant.seed, { number, key: `variant-${variant.job_id}` });
+    else if (variant.state === "queued" || variant.state === "running") waitingVariant(variant);
+    else $("job-error").textContent = `The new image for #${variant.index + 1} ended ${variant.state}: ${variant.detail || ""}`;
+  }
   $("progress").max = job.images_total;
-  $("progress").value = done;
+  $("progress").value = job.images_done;
   $("progress-text").textContent = progressText(job);
   $("cancel").hidden = !(job.state === "queued" || job.state === "running");
   if (job.state === "failed" || job.state === "cancelled") $("job-error").textContent = job.detail || `The job ended ${job.state}.`;
@@ -186,24 +273,32 @@ function promptOf(job, index) {
   return job.prompts[Math.floor(index / job.num_images_per_prompt)];
 }
 
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// A box of the image's final size, so that nothing moves when the image arrives.
+function placeholder(label, key) {
+  const figure = element("div", "variant waiting-variant");
+  figure.dataset.key = key;
+  const box = element("div", "thumb waiting");
+  box.append(element("span", "", label));
+  figure.append(box, element("p", "caption seed", "\u00a0"), element("div", "tools not-yet"));
+  return figure;
+}
+
 function slot(job, index) {
-  const item = document.createElement("li");
+  const item = element("li");
   item.dataset.index = String(index);
-  const variants = document.createElement("div");
-  variants.className = "variants";
-  const pending = document.createElement("div");
-  pending.className = "pending";
-  pending.textContent = `#${index + 1}: waiting`;
-  variants.append(pending);
-  const caption = document.createElement("p");
-  caption.className = "caption";
-  caption.textContent = `#${index + 1} · ${promptOf(job, index)}`;
-  const tools = document.createElement("div");
-  tools.className = "tools";
-  const reroll = document.createElement("button");
+  const variants = element("div", "variants");
+  variants.append(placeholder(`#${index + 1} · waiting`, "original"));
+  const caption = element("p", "caption", `#${index + 1} · ${promptOf(job, index)}`);
+  const tools = element("div", "tools item-tools not-yet");
+  const reroll = element("button", "secondary reroll", "New seed");
   reroll.type = "button";
-  reroll.className = "secondary reroll";
-  reroll.textContent = "New seed";
   reroll.setAttribute("aria-label", `Make image ${index + 1} again with a new seed`);
   reroll.addEventListener("click", () => rerollImage(index, reroll));
   tools.append(reroll);
@@ -211,115 +306,97 @@ function slot(job, index) {
   return item;
 }
 
-function fill(job, index, url, seed, variantOf = null) {
+function waitingVariant(variant) {
+  const item = $("images").querySelector(`li[data-index="${variant.index}"]`);
+  const key = `variant-${variant.job_id}`;
+  if (!item || item.querySelector(`[data-key="${key}"]`)) return;
+  item.querySelector(".variants").append(placeholder(`new seed ${variant.seed}: waiting`, key));
+}
+
+// ``variant``: null for the image of the batch itself, or { number, key } of a re-roll.
+function fill(job, index, url, seed, variant) {
   const item = $("images").querySelector(`li[data-index="${index}"]`);
   if (!item || item.querySelector(`img[src="${CSS.escape(url)}"]`)) return;
-  const variants = item.querySelector(".variants");
-  item.querySelector(".pending")?.remove();
   const prompt = promptOf(job, index);
-  const figure = document.createElement("div");
-  figure.className = "variant";
-  const button = document.createElement("button");
+  const figure = element("div", "variant");
+  const button = element("button", "thumb");
   button.type = "button";
-  button.className = "thumb";
   button.setAttribute("aria-label", `Show image ${index + 1} (seed ${seed}) at full size`);
-  const img = document.createElement("img");
+  const img = element("img");
   img.src = url;
   img.alt = prompt;
   img.loading = "lazy";
+  img.dataset.caption = `#${index + 1} · ${prompt} · seed ${seed}${variant ? ` (new seed ${variant.number})` : ""}`;
   button.append(img);
-  button.addEventListener("click", () => view(url, `${prompt} · seed ${seed}`));
-  const seedLine = document.createElement("p");
-  seedLine.className = "caption seed";
-  seedLine.textContent = variantOf ? `new seed ${seed}` : `seed ${seed}`;
-  const save = document.createElement("a");
+  button.addEventListener("click", () => view(img));
+  const seedLine = element("p", "caption seed", variant ? `new seed ${seed}` : `seed ${seed}`);
+  const save = element("a", "", "Download");
   save.href = url;
   save.download = url.split("/").pop();
-  save.textContent = "Download";
-  const tools = document.createElement("div");
-  tools.className = "tools";
+  const tools = element("div", "tools");
   tools.append(save);
   figure.append(button, seedLine, tools);
-  variants.append(figure);
+  // The finished image takes its placeholder's place (same box), or comes after the others.
+  const waiting = item.querySelector(`[data-key="${variant ? variant.key : "original"}"]`);
+  if (waiting) waiting.replaceWith(figure);
+  else item.querySelector(".variants").append(figure);
+  if (!variant) item.querySelector(".item-tools").classList.remove("not-yet");
 }
 
-function view(url, caption) {
-  $("viewer-image").src = url;
-  $("viewer-image").alt = caption;
-  $("viewer-caption").textContent = caption;
-  $("viewer").showModal();
+// ----- the full-size viewer: the arrow keys move between the images of the job --------------------
+
+function gallery() {
+  return [...$("images").querySelectorAll(".variant img")];
 }
 
-// ----- a new seed for one image -----------------------------------------------------------------
-
-function variantsKey(jobId) {
-  return `sdxl-variants-${jobId}`;
+function view(img) {
+  state.viewing = gallery().indexOf(img);
+  showViewed();
+  if (!$("viewer").open) $("viewer").showModal();
 }
 
-function loadVariants(jobId) {
-  try {
-    return JSON.parse(localStorage.getItem(variantsKey(jobId))) || {};
-  } catch {
-    return {};
-  }
+function showViewed() {
+  const images = gallery();
+  const img = images[state.viewing];
+  if (!img) return;
+  $("viewer-image").src = img.src;
+  $("viewer-image").alt = img.dataset.caption;
+  $("viewer-caption").textContent = img.dataset.caption;
+  $("viewer-position").textContent = `${state.viewing + 1} of ${images.length}`;
+  $("viewer-prev").disabled = state.viewing === 0;
+  $("viewer-next").disabled = state.viewing === images.length - 1;
 }
 
-const followed = new Set();
+function step(by) {
+  const next = state.viewing + by;
+  if (next < 0 || next >= gallery().length) return;
+  state.viewing = next;
+  showViewed();
+}
+
+$("viewer-prev").addEventListener("click", () => step(-1));
+$("viewer-next").addEventListener("click", () => step(1));
+$("viewer").addEventListener("keydown", (event) => {
+  if (event.key === "ArrowRight") step(1);
+  else if (event.key === "ArrowLeft") step(-1);
+  else return;
+  event.preventDefault();
+});
+
+// ----- a new seed for one image: a variant the job keeps, seen from any browser ------------------
 
 async function rerollImage(index, button) {
-  const job = state.job;
-  if (!job) return;
+  if (!state.job) return;
   button.disabled = true;
   $("job-error").textContent = "";
   try {
-    const body = {
-      prompts: [promptOf(job, index)],
-      seed: crypto.getRandomValues(new Uint32Array(1))[0],
-      format: job.format,
-      size: job.size,
-      return_format: "url",
-    };
-    if (job.quality !== null && job.quality !== undefined) body.quality = job.quality;
-    const response = await api("/jobs", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
-      body: JSON.stringify(body),
-    });
-    const variant = await response.json();
-    (state.variants[index] ||= []).push(variant.job_id);
-    localStorage.setItem(variantsKey(state.jobId), JSON.stringify(state.variants));
-    followVariant(index, variant.job_id);
+    await postJson(`/jobs/${state.jobId}/variants`, { index });
+    if (state.polling) clearTimeout(state.polling);
+    poll();
   } catch (error) {
     $("job-error").textContent = explain(error);
   } finally {
     button.disabled = false;
-  }
-}
-
-async function followVariant(index, variantJob) {
-  if (followed.has(`${state.jobId}/${variantJob}`)) return;
-  followed.add(`${state.jobId}/${variantJob}`);
-  const owner = state.jobId;
-  for (;;) {
-    let job;
-    try {
-      job = await (await api(`/jobs/${variantJob}`)).json();
-    } catch (error) {
-      if (error instanceof ApiError && error.status === 404) return; // expired
-      $("job-error").textContent = explain(error);
-      await new Promise((resolve) => setTimeout(resolve, POLL_MS * 3));
-      continue;
-    }
-    if (owner !== state.jobId) return;
-    if (job.state === "done") {
-      fill(state.job, index, job.images[0], job.seeds[0], variantJob);
-      return;
-    }
-    if (job.state !== "queued" && job.state !== "running") {
-      $("job-error").textContent = `The new image for #${index + 1} failed: ${job.detail || job.state}`;
-      return;
-    }
-    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
   }
 }
 
@@ -355,29 +432,23 @@ $("cancel").addEventListener("click", async () => {
   }
 });
 
-// ----- recent jobs ------------------------------------------------------------------------------
+// ----- recent jobs: the key's own, from the server ----------------------------------------------
 
-function recentJobs() {
+async function showRecent() {
+  let page;
   try {
-    return JSON.parse(localStorage.getItem(RECENT_STORE)) || [];
+    page = await (await api(`/jobs?limit=${RECENT_SHOWN}`)).json();
   } catch {
-    return [];
+    return; // the key prompt or the submit error says why
   }
-}
-
-function remember(jobId, firstPrompt, total) {
-  const jobs = [{ id: jobId, prompt: firstPrompt, total, at: Date.now() }, ...recentJobs().filter((j) => j.id !== jobId)];
-  localStorage.setItem(RECENT_STORE, JSON.stringify(jobs.slice(0, RECENT_MAX)));
-  showRecent();
-}
-
-function showRecent() {
-  const items = recentJobs().map((job) => {
-    const item = document.createElement("li");
-    const link = document.createElement("a");
-    link.href = `/ui?job=${encodeURIComponent(job.id)}`;
-    link.textContent = `${new Date(job.at).toLocaleString()} · ${job.total} image(s) · ${job.prompt}`;
-    item.append(link);
+  const items = page.jobs.map((job) => {
+    const item = element("li");
+    const link = element("a", "", job.prompt || job.job_id);
+    link.href = `/ui?job=${encodeURIComponent(job.job_id)}`;
+    const quality = job.format === "png" ? "" : ` ${job.quality}`;
+    const meta = element("span", "meta",
+      ` · ${new Date(job.created_at * 1000).toLocaleString()} · ${job.images_total} image(s) · ${job.size} · ${job.format}${quality} · ${job.state}`);
+    item.append(link, meta);
     return item;
   });
   $("recent").replaceChildren(...items);
@@ -394,19 +465,20 @@ async function start() {
     if (!(error instanceof ApiError && error.status === 401)) $("submit-error").textContent = explain(error);
     return false;
   }
+  state.limits = info.limits || null;
   const size = $("size");
   if (size.options.length === 0) {
     for (const value of info.sizes) size.append(new Option(value, value));
   }
   const jobId = new URLSearchParams(location.search).get("job");
-  if (jobId) follow(jobId);
+  if (jobId) follow(jobId, true);
+  showRecent();
   return true;
 }
 
 window.addEventListener("popstate", () => {
   const jobId = new URLSearchParams(location.search).get("job");
-  if (jobId) follow(jobId);
+  if (jobId) follow(jobId, true);
 });
 
-showRecent();
 start();

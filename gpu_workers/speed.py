@@ -323,11 +323,8 @@ def prepare_compile_cache(model_cache: Path, key: Mapping[str, Any], recompile_l
     the artifacts a previous worker with the same ``key`` saved."""
     import torch
 
-    directory = os.environ.get(INDUCTOR_CACHE_ENV)
-    if not directory or directory == _inductor_default_cache_dir():  # (inductor sets its default on import)
-        directory = str(compile_cache_dir(model_cache))
-        os.environ[INDUCTOR_CACHE_ENV] = directory
-    path = Path(directory)
+    path = inductor_cache_dir(model_cache)
+    os.environ[INDUCTOR_CACHE_ENV] = str(path)
     path.mkdir(parents=True, exist_ok=True)
     _set_config("torch._inductor.config", "fx_graph_cache", True)
     _set_config("torch._inductor.config", "autotune_local_cache", True)
@@ -336,8 +333,7 @@ def prepare_compile_cache(model_cache: Path, key: Mapping[str, Any], recompile_l
         current = _get_config("torch._dynamo.config", name)
         if isinstance(current, int) and current < recompile_limit:
             _set_config("torch._dynamo.config", name, recompile_limit)
-    digest = hashlib.sha256(json.dumps({**key, "torch": torch.__version__}, sort_keys=True).encode()).hexdigest()[:16]
-    cache = CompileCache(path, path / f"artifacts-{digest}.bin")
+    cache = CompileCache(path, artifacts_path(path, key))
     load = getattr(getattr(torch, "compiler", None), "load_cache_artifacts", None)
     if load is not None and cache.artifacts is not None and cache.artifacts.is_file():
         try:
@@ -346,6 +342,28 @@ def prepare_compile_cache(model_cache: Path, key: Mapping[str, Any], recompile_l
         except Exception as exc:  # noqa: BLE001 - a stale or foreign file: compile as if it were absent
             log.warning("ignoring the compile cache artifacts %s: %s: %s", cache.artifacts, type(exc).__name__, exc)
     return cache
+
+
+def inductor_cache_dir(model_cache: Path) -> Path:
+    """``TORCHINDUCTOR_CACHE_DIR`` where it was set, else ``<model_cache>/torch-compile``."""
+    directory = os.environ.get(INDUCTOR_CACHE_ENV)
+    if not directory or directory == _inductor_default_cache_dir():  # (inductor sets its default on import)
+        return compile_cache_dir(model_cache)
+    return Path(directory)
+
+
+def artifacts_path(directory: Path, key: Mapping[str, Any]) -> Path:
+    """The artifacts file of one setup (``compile_key``) and this torch: a benchmark that carries
+    compile caches between boxes finds the file a worker will load or write."""
+    import torch
+
+    digest = hashlib.sha256(json.dumps({**key, "torch": torch.__version__}, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(directory) / f"artifacts-{digest}.bin"
+
+
+def compile_key(config: Any, device_name: str, the_plan: SpeedPlan) -> dict[str, Any]:
+    """What a compiled graph depends on: the model, the device, the settings and the warm-up's shapes."""
+    return {"model": config.model, "device": device_name, **the_plan.describe(), "sizes": tuple(config.warmup_sizes), "max_batch": config.max_batch}
 
 
 def _inductor_default_cache_dir() -> str | None:
@@ -547,19 +565,26 @@ def warmup_tasks(warmup: str, sizes: Iterable[str], max_batch: int) -> list[Any]
     return tasks
 
 
-def warm_up(pipe: Any, tasks: list[Any], generate: Callable[[Any, Any], Any], report: SpeedReport) -> None:
+def warm_up(
+    pipe: Any, tasks: list[Any], generate: Callable[[Any, Any], Any], report: SpeedReport, after_compile: Callable[[], None] | None = None
+) -> None:
     """Run every warm-up shard; one that does not fit in device memory is logged, not fatal (the
-    worker splits such shards when they come)."""
+    worker splits such shards when they come). ``after_compile`` runs after each shard that made a
+    new graph, so that a compile cut short still leaves the graphs finished so far."""
     import torch
 
     before = _compile_counters()
     started = time.perf_counter()
+    graphs = before[1]
     for task in tasks:
         try:
             generate(pipe, task)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             report.notes.append(f"warm-up: {task.size} image(s) of {task.width}x{task.height} do not fit in device memory")
+        if after_compile is not None and _compile_counters()[1] > graphs:
+            graphs = _compile_counters()[1]
+            after_compile()
     report.warmup_s = time.perf_counter() - started
     report.warmup_shards = len(tasks)
     after = _compile_counters()
@@ -593,13 +618,12 @@ def prepare(
     report = SpeedReport(the_plan.describe())
     cache = None
     if the_plan.compile_targets:
-        sizes = tuple(config.warmup_sizes)
-        key = {"model": config.model, "device": device_name, **the_plan.describe(), "sizes": sizes, "max_batch": config.max_batch}
-        cache = prepare_compile_cache(Path(config.model_cache), key, recompile_limit=max(8, 2 * len(sizes) + 4))
+        key = compile_key(config, device_name, the_plan)
+        cache = prepare_compile_cache(Path(config.model_cache), key, recompile_limit=max(8, 2 * len(key["sizes"]) + 4))
         report.cache_dir, report.cache_loaded = str(cache.directory), cache.loaded
     pipe = load(the_plan.dtype)
     apply(pipe, the_plan, report)
-    warm_up(pipe, warmup_tasks(the_plan.warmup, config.warmup_sizes, config.max_batch), generate, report)
+    warm_up(pipe, warmup_tasks(the_plan.warmup, config.warmup_sizes, config.max_batch), generate, report, cache.save if cache else None)
     if cache is not None:
         cache.save()
         report.cache_saved_bytes = cache.saved_bytes

@@ -15,8 +15,11 @@ running server instead. Exit status 0 when no accepted image was lost, 1 otherwi
 against a server started with tight bounds (``--max-connections 64 --keepalive-timeout 3
 --write-timeout 3 --max-queued-images 120``): hundreds of idle TCP connections (some with half a
 request head), re-opened as the server closes them; slow readers (``POST /generate`` of 4 base64
-images on a socket with a tiny receive buffer, never read); and every few seconds a burst of 10
-concurrent ``POST /jobs`` of 40 images. It then checks that the bounds held: no image lost, accepted
+images on a socket with a tiny receive buffer, never read); every few seconds a burst of 10
+concurrent ``POST /jobs`` of 40 images; and the edge abuse of ``benchmarks/edge_abuse.py`` (a
+stranger's idle sockets from other addresses, all renewed every 14 s; unfinished 0.8 MB request
+heads; a newcomer's fresh connection every second); and 12 clients of ``benchmarks/slow_dns.py``
+sending ``webhook_url`` hosts that a nameserver which never answers is asked about. It then checks that the bounds held: no image lost, accepted
 and unfinished images never past the bound, the API process's RSS flat and its open files under
 the limit, no more connections held than the cap, idle connections closed and slow readers cut off,
 and a log that does not flood. The exit status is 1 if any check fails. The soak clients, the
@@ -51,6 +54,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import requests
+
+from benchmarks import edge_abuse
+from benchmarks import slow_dns
 
 try:  # psutil is in the venv; /proc is the fallback so the script still runs without it.
     import psutil
@@ -546,14 +552,21 @@ ABUSE_MAX_CONNECTIONS = 64
 ABUSE_KEEPALIVE_S = 3.0
 ABUSE_WRITE_TIMEOUT_S = 3.0
 ABUSE_MAX_QUEUED_IMAGES = 120
+# Above what the soak's own clients hold from 127.0.0.1 (about 20), under the stranger's 64 per address.
+ABUSE_MAX_PER_PEER = 32
 ABUSE_SERVER_ARGS = (
-    "--max-connections", str(ABUSE_MAX_CONNECTIONS), "--keepalive-timeout", f"{ABUSE_KEEPALIVE_S:g}",
+    "--max-connections", str(ABUSE_MAX_CONNECTIONS), "--max-connections-per-peer", str(ABUSE_MAX_PER_PEER),
+    "--keepalive-timeout", f"{ABUSE_KEEPALIVE_S:g}",
     "--write-timeout", f"{ABUSE_WRITE_TIMEOUT_S:g}", "--max-queued-images", str(ABUSE_MAX_QUEUED_IMAGES),
 )  # fmt: skip
+# The slow-DNS clients connect from a loopback address of their own (the server counts per peer).
+SLOW_DNS_SOURCE = "127.0.0.200"
 # One idle connection in this many sends half a request head (request line and a header, no blank line).
 HALF_HEAD_EVERY = 4
 HALF_HEAD = b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 IDLE_CONNECT_TIMEOUT_S = 10.0
+# An idle connection closed silently sooner than this was closed to make room at the cap.
+EVICTED_BEFORE_S = 0.9 * ABUSE_KEEPALIVE_S
 # An idle connection still open this long after it was accepted breaks --keepalive-timeout.
 IDLE_OVERDUE_S = ABUSE_KEEPALIVE_S + 10.0
 SLOW_READER_IMAGES = 4
@@ -602,6 +615,7 @@ class AbuseStats:
     idle_opened: int = 0
     idle_opened_half: int = 0
     idle_refused: int = 0
+    idle_evicted: int = 0  # closed without a word well before the keep-alive timeout: made room at the cap
     idle_closed: int = 0
     idle_reset: int = 0
     idle_overdue: int = 0
@@ -743,6 +757,7 @@ class IdleFlood:
                 else:
                     self.stats.idle_closed += outcome == "closed"
                     self.stats.idle_reset += outcome == "reset"
+                    self.stats.idle_evicted += not data and lifetime < EVICTED_BEFORE_S
                     (self.stats.idle_half_lifetimes if half else self.stats.idle_lifetimes).append(lifetime)
                     if data:
                         self.stats.idle_answers[first_line(data)] += 1
@@ -1238,7 +1253,8 @@ def reconstruct_unfinished(db_path: Path, image_dir: Path) -> Reconstruction:
     written: dict[str, list[float]] = {}
     for job_id, image_id in images:
         try:
-            written.setdefault(job_id, []).append((image_dir / f"{image_id}.png").stat().st_mtime)
+            name = image_id if "." in image_id else f"{image_id}.png"  # <id>.<format>; a bare id is a PNG
+            written.setdefault(job_id, []).append((image_dir / name).stat().st_mtime)
         except OSError:
             pass
     events: list[tuple[float, int]] = []
@@ -1273,6 +1289,8 @@ class Abuse:
         self.port = int(port)
         self.bound = ABUSE_MAX_QUEUED_IMAGES
         self.stats = AbuseStats()
+        self.edge = edge_abuse.EdgeStats()
+        self.stranger_sources = [f"127.0.0.{2 + i}" for i in range(args.abuse_stranger_addresses)]
         self.stop = threading.Event()  # set with the clients' stop
         self.stop_tracker = threading.Event()  # set once the burst jobs left are cancelled
         self.threads: list[threading.Thread] = []
@@ -1286,6 +1304,13 @@ class Abuse:
         self.threads.append(start_thread(flood.run, self.stop, name="idle-flood"))
         for i in range(self.args.abuse_slow_readers):
             self.threads.append(start_thread(slow_reader_loop, self.host, self.port, i, self.stats, self.stop, name=f"slow-reader-{i}"))
+        strangers = edge_abuse.StrangerSockets(
+            self.host, self.port, self.args.abuse_strangers, edge_abuse.RENEW_EVERY_S, self.stranger_sources, self.edge
+        )
+        self.threads.append(start_thread(strangers.run, self.stop, name="strangers"))
+        heads = edge_abuse.HeaderFlood(self.host, self.port, self.args.abuse_heads, self.edge)
+        self.threads.append(start_thread(heads.run, self.stop, name="header-flood"))
+        self.threads.append(start_thread(edge_abuse.probe_loop, self.url, self.edge, self.stop, name="newcomer-probe"))
         bursts = Bursts(self.url, self.args.abuse_burst_every, self.stats, self.stop, started)
         self.threads.append(start_thread(bursts.run, name="bursts"))
         self.threads.append(start_thread(fd_sampler_loop, self.pid, self.stats, self.stop, name="fd-sampler"))
@@ -1327,6 +1352,7 @@ def print_abuse_summary(
          f"{' '.join(f'{x:.2f}' for x in abuse.load_end)} at end ({os.cpu_count()} CPUs)"),
         ("idle connections opened", f"{abuse.idle_opened} ({half} with half a request head), {run.args.abuse_idle} at a time"),
         ("  refused by the cap (503)", abuse.idle_refused),
+        ("  closed to make room", f"{abuse.idle_evicted} (silently, within {EVICTED_BEFORE_S:.1f} s: the idle longest goes first)"),
         ("  closed by the server", f"{abuse.idle_closed + abuse.idle_reset} ({abuse.idle_reset} with a reset); "
          f"open for {median_max(abuse.idle_lifetimes)} (no bytes), {median_max(abuse.idle_half_lifetimes)} (half a head)"),
         ("  what the server said", ", ".join(f"{k!r} x{v}" for k, v in abuse.idle_answers.most_common(4)) or "nothing"),
@@ -1335,6 +1361,7 @@ def print_abuse_summary(
         ("  not closed in time", f"{abuse.idle_overdue} (open > {IDLE_OVERDUE_S:g} s)"),
         ("  open when the run ended", abuse.idle_open_at_end),
         ("  connect errors/timeouts", abuse.idle_connect_errors),
+        *edge_abuse.summary_rows(run.edge, run.args.abuse_strangers, len(run.stranger_sources), run.args.abuse_heads),
         ("slow readers sent", f"{abuse.slow_sent} POST /generate ({SLOW_READER_IMAGES} base64 images; "
          f"{abuse.slow_cap_waits} connection(s) turned away by the cap first)"),
         ("  answered 200, unread", abuse.slow_accepted),
@@ -1402,13 +1429,15 @@ def print_abuse_summary(
         (abuse.idle_overdue == 0 and abuse.idle_closed + abuse.idle_reset > 0,
          f"idle connections closed by the server: {abuse.idle_closed + abuse.idle_reset}, none open past {IDLE_OVERDUE_S:g} s "
          f"({abuse.idle_overdue} were)"),
-        (abuse.idle_refused > 0, f"connections past the cap answered 503: {abuse.idle_refused}"),
-        (0 < abuse.max_idle_held <= ABUSE_MAX_CONNECTIONS,
+        (abuse.idle_evicted + abuse.idle_refused > 0,
+         f"connections past the cap: {abuse.idle_evicted} idle ones closed to make room, {abuse.idle_refused} answered 503"),
+        (abuse.held_samples > 0 and abuse.max_idle_held <= ABUSE_MAX_CONNECTIONS,  # 0: each made room at once
          f"idle connections the server held at once: at most {abuse.max_idle_held} (cap {ABUSE_MAX_CONNECTIONS})"),
         (abuse.slow_not_cut == 0 and abuse.slow_cut > 0 and abuse.slow_closed_gracefully == 0,
          f"slow readers cut off: {abuse.slow_cut} of {abuse.slow_accepted} answered (none left hanging: {abuse.slow_not_cut})"),
         (log.max_other_per_minute <= LOG_LINES_PER_MINUTE_LIMIT,
          f"log lines other than access: at most {log.max_other_per_minute} in 60 s (at most {LOG_LINES_PER_MINUTE_LIMIT})"),
+        *edge_abuse.checks(run.edge),
     ]
     print("\n== checks ==")
     for passed, line in checks:
@@ -1544,6 +1573,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--abuse-burst-every", type=float, default=5.0, help=f"seconds between bursts of {BURST_SIZE} POST /jobs (--abuse)"
     )
+    parser.add_argument(
+        "--abuse-strangers", type=int, default=2 * ABUSE_MAX_CONNECTIONS,
+        help=f"idle sockets a stranger holds from other loopback addresses, all renewed every {edge_abuse.RENEW_EVERY_S:g} s (--abuse)",
+    )  # fmt: skip
+    parser.add_argument("--abuse-stranger-addresses", type=int, default=2, help="loopback addresses the stranger uses: 127.0.0.2 and up (--abuse)")
+    parser.add_argument(
+        "--abuse-heads", type=int, default=20,
+        help=f"connections at a time sending unfinished request heads of {edge_abuse.HEAD_FLOOD_BYTES / 1e6:g} MB (--abuse)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--abuse-slow-dns", type=int, default=12,
+        help="clients sending POST /jobs about twice a second with webhook hosts whose nameserver never answers (--abuse)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.clients < 1 or args.workers < 1 or args.max_batch < 1:
         parser.error("--clients, --workers and --max-batch must be at least 1")
@@ -1551,6 +1593,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--minutes must be positive and --kill-every not negative")
     if args.abuse and args.url:
         parser.error("--abuse starts its own server (it reads the server's RSS, open files and log): leave out --url")
+    if args.abuse_strangers < 0 or args.abuse_heads < 0 or not 1 <= args.abuse_stranger_addresses <= 250:
+        parser.error("--abuse-strangers and --abuse-heads must not be negative, --abuse-stranger-addresses 1 to 250")
     if args.abuse_idle < 0 or args.abuse_slow_readers < 0 or args.abuse_burst_every <= 0 or args.abuse_reopen_delay < 0:
         parser.error("--abuse-idle, --abuse-slow-readers and --abuse-reopen-delay must not be negative, --abuse-burst-every positive")
     return args
@@ -1558,7 +1602,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    server = None if args.url else OwnServer(args.workers, args.max_batch, args.model_cache, ABUSE_SERVER_ARGS if args.abuse else ())
+    # --abuse: webhook names go to a nameserver that never answers (benchmarks/slow_dns.py)
+    nameserver = slow_dns.SilentNameserver() if args.abuse else None
+    server_args = (*ABUSE_SERVER_ARGS, *nameserver.server_args()) if nameserver else ()
+    server = None if args.url else OwnServer(args.workers, args.max_batch, args.model_cache, server_args)
     url = args.url.rstrip("/") if args.url else ""
     if server:
         print(f"starting server: {' '.join(server.args)}\n  in {server.workdir}", flush=True)
@@ -1582,8 +1629,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     checks: list[tuple[bool, str]] = []
     limit = None
+    slow_dns_abuse = slow_dns.SlowDnsAbuse(url, args.abuse_slow_dns, source=SLOW_DNS_SOURCE) if abuse and args.abuse_slow_dns else None
+    slow_dns_result: tuple[bool, str] | None = None
     try:
-        stats, duration, restarts = soak(args, url, server.pid if server else None, abuse)
+        if slow_dns_abuse:
+            slow_dns_abuse.start()
+        try:
+            stats, duration, restarts = soak(args, url, server.pid if server else None, abuse)
+        finally:
+            slow_dns_result = slow_dns_abuse.finish() if slow_dns_abuse else None
         print_summary(args, stats, duration, restarts, measured_rss=server is not None)
         if abuse and server and server.pid:
             limit = fd_limit(server.pid)  # read while it runs: the server raises its soft limit at start
@@ -1594,6 +1648,10 @@ def main(argv: list[str] | None = None) -> int:
             if abuse and "stats" in locals():
                 rebuilt = reconstruct_unfinished(server.workdir / "var" / "jobs.sqlite3", server.image_dir)
                 checks = print_abuse_summary(stats, abuse, read_log(server.log_path), limit, rebuilt)
+                if slow_dns_result is not None:
+                    passed, line = slow_dns_result
+                    print(f"{'PASS' if passed else 'FAIL'}  slow-DNS webhooks ({args.abuse_slow_dns} clients): {line}")
+                    checks.append((passed, "slow-DNS webhooks"))
                 passed = code == 0
                 print(f"{'PASS' if passed else 'FAIL'}  server exit code on SIGTERM: {code} (must be 0)")
                 checks.append((passed, "server exit code"))

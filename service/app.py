@@ -19,7 +19,7 @@ from schemas.jobs import ProgressLineSchema
 from service import __version__
 from service.access_log import access_log_middleware
 from service.auth import auth_middleware
-from service.connections import body_deadline_middleware
+from service.connections import body_deadline_middleware, peer_cap_middleware
 from service.errors import error_middleware, validation_error_callback
 from service.image_store import ImageStore
 from service.job_db import JobDatabase
@@ -28,6 +28,8 @@ from service.jobs import JobManager
 from service.json_body import StrictJSONParser
 from service.keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.lifecycle import Lifecycle
+from service.octet_stream import octet_stream_if_asked
+from service.openapi_document import finish_document
 from service.routes import ROUTES
 from service.metrics import METRICS, METRICS_ROUTES, Metrics
 from service.settings import Settings
@@ -93,7 +95,8 @@ async def _evict_expired(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, pool: Any) -> web.Application:
     keys = settings.api_keys()
-    middlewares = [access_log_middleware, error_middleware]
+    # The per-peer cap counts a proxied client before its key is checked: a stranger has none.
+    middlewares = [access_log_middleware, error_middleware, peer_cap_middleware]
     if keys:
         middlewares.append(auth_middleware(keys))
     middlewares.append(body_deadline_middleware(settings.body_timeout))
@@ -103,7 +106,7 @@ def create_app(settings: Settings, pool: Any) -> web.Application:
     app[API_KEYS] = keys
     app[POOL] = pool
     app[STORE] = ImageStore(settings.image_path, settings.image_retention, settings.image_dir_max_bytes)
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(tuple(entry.name for entry in keys) or ("",))
     app[JOBS] = JobManager(JobDatabase(settings.job_db_path), app[STORE], pool, on_first_image=app[METRICS].job_first_image)
     if hasattr(pool, "observers"):
         pool.observers.append(app[METRICS])
@@ -136,13 +139,21 @@ def _document(app: web.Application, secured: bool) -> None:
         swagger_path=DOCS_URL,
         openapi_version="3.0.3",
         in_place=False,
-        info={"description": "Batch 1024x576 image generation with SDXL-Lightning (8 steps). Errors are JSON `{\"detail\": ...}`."},
+        info={
+            "description": (
+                "Batch 1024x576 image generation with SDXL-Lightning (8 steps). Errors are JSON `{\"detail\": ...}`. "
+                "Each operation lists the statuses it answers; besides those, any route answers 503 with Retry-After, "
+                "before anything else, when the server or one client address has too many connections open."
+            )
+        },
         **options,
     )
     api_spec.spec.components.schema("Error", schema=ErrorSchema)
     # Routed by content type in the /generate docs, so registered here rather than by a decorator.
     api_spec.spec.components.schema("GenerateResponse", schema=GenerateResponseSchema)
     api_spec.spec.components.schema("ProgressLine", schema=ProgressLineSchema)
+    app.on_startup.append(finish_document)  # after apigami's hook, which builds the document
+    app.on_response_prepare.append(octet_stream_if_asked)  # the document offers it for images and archives
     if secured:
         api_spec.spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
         api_spec.spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})

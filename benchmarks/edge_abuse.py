@@ -1,7 +1,8 @@
 """The soak's abuse of the edge (issue 25), run by ``benchmarks/soak.py --abuse``: a stranger who
 holds idle sockets and renews them all every 14 s (the lock-out of issue 25: 512 of them against the
 cap of 512 gave every other client 503), a flood of unfinished 0.8 MB request heads, and a probe
-that opens a fresh connection every second to see whether a newcomer still gets in.
+that opens a fresh connection every second, from an address of its own (another client), to see
+whether a newcomer still gets in.
 
 The stranger connects from other loopback addresses (127.0.0.2 and up), which are not in the
 server's default ``--forwarded-allow-ips``: its sockets are counted per address
@@ -11,13 +12,13 @@ server's default ``--forwarded-allow-ips``: its sockets are counted per address
 from __future__ import annotations
 
 import asyncio
+import http.client
 import statistics
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-
-import requests
+from urllib.parse import urlsplit
 
 RENEW_EVERY_S = 14.0  # under the server's default --keepalive-timeout of 15 s, as the attacker chose
 STRANGER_CONNECT_TIMEOUT_S = 10.0
@@ -30,6 +31,9 @@ PROBE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 30.0
 # The issue's bound: a new client's /health under the idle flood is answered in under 1 s.
 PROBE_LIMIT_S = 1.0
+# The newcomer is another client: an address of its own, not the one the soak's idle flood and header
+# flood come from (127.0.0.1), whose own oldest idle sockets the per-address cap closes first.
+NEWCOMER_SOURCE = "127.0.0.9"
 
 
 @dataclass
@@ -176,19 +180,24 @@ class HeaderFlood:
 def probe_loop(url: str, stats: EdgeStats, stop: threading.Event) -> None:
     """Every PROBE_EVERY_S, a newcomer: GET /health on a connection of its own, tried again at once
     on a new connection while the cap turns it away or the connection is closed under it."""
+    target = urlsplit(url)
     while not stop.wait(PROBE_EVERY_S):
         started = time.monotonic()
         tries, outcome = 0, "no answer"
         while time.monotonic() - started < PROBE_TIMEOUT_S:
             tries += 1
+            connection = http.client.HTTPConnection(target.hostname, target.port, timeout=PROBE_TIMEOUT_S, source_address=(NEWCOMER_SOURCE, 0))
             try:
-                with requests.Session() as session:
-                    response = session.get(url + "/health", headers={"Connection": "close"}, timeout=PROBE_TIMEOUT_S)
-            except requests.ConnectionError:
+                connection.request("GET", "/health", headers={"Connection": "close"})
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
                 continue
-            if response.status_code == 503 and "X-Request-Id" not in response.headers:
+            finally:
+                connection.close()
+            if response.status == 503 and response.getheader("X-Request-Id") is None:
                 continue  # the cap's 503: every connection was busy
-            outcome = str(response.status_code)
+            outcome = str(response.status)
             break
         with stats.lock:
             stats.probes.append((time.monotonic() - started, outcome, tries))

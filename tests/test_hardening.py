@@ -297,6 +297,23 @@ def test_idle_connections_past_the_file_limit_lose_no_job(tmp_path: Path) -> Non
         server.stop()
 
 
+def unread_generates(port: int, request: dict, count: int = 3) -> list[socket.socket]:
+    """``count`` base64 ``POST /generate`` whose clients never read the answer (a tiny receive
+    buffer, nothing read): the server's writes to them stall."""
+    body = json.dumps(request).encode()
+    stalled: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        stalled.append(sock)
+    return stalled
+
+
 def test_a_client_that_reads_nothing_is_cut_off_and_holds_no_memory(start_server) -> None:
     """Three base64 /generate requests whose clients never read: each is cut off --write-timeout
     after its writes stall, the API process lets go of what it held (RSS back near where it was),
@@ -308,17 +325,7 @@ def test_a_client_that_reads_nothing_is_cut_off_and_holds_no_memory(start_server
     assert server.process is not None
     api = psutil.Process(server.process.pid)
     before = api.memory_info().rss
-    body = json.dumps({"prompts": [f"unread {i}" for i in range(4)], "seed": 9}).encode()
-    stalled: list[socket.socket] = []
-    for _ in range(3):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
-        sock.connect(("127.0.0.1", server.port))
-        sock.sendall(
-            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-        stalled.append(sock)
+    stalled = unread_generates(server.port, {"prompts": [f"unread {i}" for i in range(4)], "seed": 9})
     try:
         server.wait_for(lambda h: h["active_requests"] == 3, timeout=30, what="the three requests accepted")
         health = server.wait_for(lambda h: h["active_requests"] == 0 and h["active_jobs"] == 0, timeout=120, what="the stalled requests cut off")

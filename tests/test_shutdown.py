@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 import signal
-import socket
 import time
 
 import requests
 
 from tests.test_faults import in_background, post
+from tests.test_hardening import unread_generates
 
 
 def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(start_server) -> None:
@@ -80,18 +79,8 @@ def test_the_drain_cuts_off_clients_that_read_nothing_and_their_jobs_keep_their_
     period, and after a restart each job is done with its 4 images."""
     server = start_server("--model", "tiny", "--workers", "1", "--max-batch", "4", "--heartbeat-interval", "1")
     assert server.process is not None
-    body = json.dumps({"prompts": [f"unread at shutdown {i}" for i in range(4)], "seed": 5}).encode()
-    stalled: list[socket.socket] = []
+    stalled = unread_generates(server.port, {"prompts": [f"unread at shutdown {i}" for i in range(4)], "seed": 5})
     try:
-        for _ in range(3):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a reader that takes nothing
-            sock.connect(("127.0.0.1", server.port))
-            sock.sendall(
-                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-                + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
-            stalled.append(sock)
         server.wait_for(lambda h: h["active_requests"] == 3, timeout=30, what="the three requests accepted")
         server.process.send_signal(signal.SIGTERM)
         server.wait_for(lambda h: h["draining"] and h["active_jobs"] == 0, timeout=120, what="the last shard done")

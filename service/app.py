@@ -69,7 +69,8 @@ async def _run_jobs(app: web.Application) -> AsyncIterator[None]:
         log.info("resumed %d unfinished job(s)", resumed)
     yield
     await jobs.stop()
-    await asyncio.to_thread(jobs.db.close)
+    await jobs.db.run(jobs.db.close)  # on its own thread: close() then shuts its executor down, without waiting
+    app[STORE].close()
 
 
 async def _evict_expired(app: web.Application) -> AsyncIterator[None]:

@@ -64,6 +64,10 @@ class ImageStore:
         store's own threads."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(call, *args, **kwargs))
 
+    def close(self) -> None:
+        """Let the store's threads go once the app has stopped (its last writes are done by then)."""
+        self.executor.shutdown(wait=False)
+
     @property
     def used_bytes(self) -> int:
         return self._used

@@ -178,7 +178,10 @@ class HostResolver:
                 raise _refusal(f"the address {host} is", problem, allow_private)
             return [(socket.AF_INET6 if address.version == 6 else socket.AF_INET, str(address))]
         try:
-            addresses = await asyncio.wait_for(self.lookup(host, port), RESOLVE_TIMEOUT)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # arrives as the lookup ends, and a delivery cancelled at shutdown would then never end.
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                addresses = await self.lookup(host, port)
         except TimeoutError as exc:
             raise TargetRefused(f"the host {host} did not resolve within {RESOLVE_TIMEOUT:g} s.") from exc
         except (OSError, UnicodeError) as exc:

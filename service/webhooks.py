@@ -192,8 +192,9 @@ class WebhookDeliverer:
                 except (sqlite3.Error, OSError):
                     log.exception("webhooks: cannot read the outbox; trying again in %g s", DB_RETRY_SECONDS)
                     wait = DB_RETRY_SECONDS
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                try:  # not wait_for: on Python 3.11 it can swallow the cancel that stops the app
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
         finally:

@@ -67,8 +67,19 @@ class Origin:
         return f"{self.scheme}://{self.host}"
 
 
+_ORIGIN = web.RequestKey("origin", Origin)
+
 def request_origin(request: web.Request, trusted: TrustedProxies) -> Origin:
-    """The request's own socket and ``Host``, corrected by forwarded headers where its peer is trusted."""
+    """The request's own socket and ``Host``, corrected by forwarded headers where its peer is trusted.
+    Worked out once a request: the per-address cap, the links and the access log all ask, each with
+    the server's one ``--forwarded-allow-ips``."""
+    known = request.get(_ORIGIN)
+    if known is None:
+        known = request[_ORIGIN] = _origin(request, trusted)
+    return known
+
+
+def _origin(request: web.Request, trusted: TrustedProxies) -> Origin:
     peer = request.remote
     if not trusted.trusts(peer):
         return Origin(request.scheme, request.host, peer)

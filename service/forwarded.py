@@ -69,6 +69,7 @@ class Origin:
 
 _ORIGIN = web.RequestKey("origin", Origin)
 
+
 def request_origin(request: web.Request, trusted: TrustedProxies) -> Origin:
     """The request's own socket and ``Host``, corrected by forwarded headers where its peer is trusted.
     Worked out once a request: the per-address cap, the links and the access log all ask, each with

@@ -39,6 +39,7 @@ from service.keys import JOBS
 from service.settings import Settings, load_settings, validate
 from service.webhook_outbox import Delivery, WebhookTarget, deliveries, message_id, next_per_target
 from tests.fake_transport import FAIL, SLOW, FakeTransport, fake_engine
+from tests.readme import readme_block
 
 SECRET = "whsec_" + base64.b64encode(b"webhook-test-secret-0123456789ab").decode()
 
@@ -599,10 +600,7 @@ async def test_a_database_fault_while_reading_the_outbox_is_waited_out(aiohttp_c
 
 def readme_receiver() -> str:
     """The receiver example of the README's "Webhooks" section, as it is there."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("### Webhooks"):]
-    start = section.index("```python\n") + len("```python\n")
-    return section[start:section.index("```", start)]
+    return readme_block("### Webhooks", "python")
 
 
 def free_port() -> int:

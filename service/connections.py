@@ -455,7 +455,7 @@ class BodyWriter:
     ``lifecycle`` drains, the deadline is DRAIN_WRITE_SECONDS (from the drain's start for a write
     already waiting): the shutdown then waits for the GPUs, not for clients that read nothing."""
 
-    def __init__(self, request: web.Request, response: web.StreamResponse, timeout: float, lifecycle: Lifecycle | None = None) -> None:
+    def __init__(self, request: web.Request, response: web.StreamResponse, timeout: float, lifecycle: Lifecycle) -> None:
         self.request = request
         self.response = response
         self.timeout = timeout
@@ -468,12 +468,6 @@ class BodyWriter:
         await self._within(self.response.write_eof())
 
     async def _within(self, step: Any) -> None:
-        if self.lifecycle is None:
-            try:
-                await asyncio.wait_for(step, self.timeout)
-            except TimeoutError:
-                self._cut(self.timeout)
-            return
         loop = asyncio.get_running_loop()
         write = asyncio.ensure_future(step)
         begun = loop.time()

@@ -102,7 +102,7 @@ UNAUTHORIZED = {
     )
 }
 
-# What POST /generate and POST /jobs refuse, before any job exists (service.submission: the body,
+# What POST /generate and POST /jobs refuse, before any job exists (service.jobs.submission: the body,
 # the Idempotency-Key, the webhook, then admission's limits).
 SUBMISSION_ERRORS = {
     400: error_response(
@@ -139,5 +139,5 @@ BINARY_SCHEMA = {"type": "string", "format": "binary"}
 def binary_content(*media_types: str) -> dict[str, Any]:
     """The bytes of a file, under its own media types and ``application/octet-stream``: generators
     such as openapi-python-client read only the latter as bytes, and the server sends it to a client
-    that asks for it (``service.octet_stream``)."""
+    that asks for it (``service.http.octet_stream``)."""
     return {media_type: {"schema": BINARY_SCHEMA} for media_type in (*media_types, OCTET_STREAM)}

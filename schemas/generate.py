@@ -57,7 +57,7 @@ def _not_blank(text: str) -> None:
 
 
 def _webhook_url(text: str) -> None:
-    """The shape of a webhook URL; where it may point is the server's check (``service.webhooks``)."""
+    """The shape of a webhook URL; where it may point is the server's check (``service.integrations.webhooks``)."""
     _encodable(text)
     if len(text) > MAX_WEBHOOK_URL_CHARS:
         raise ValidationError(f"{len(text)} characters long; the limit is {MAX_WEBHOOK_URL_CHARS}.")

@@ -14,10 +14,10 @@ from gpu_workers.devices import REAL_MODEL, resolve_devices, resolve_model
 from gpu_workers.scheduler import EngineConfig
 from gpu_workers.speed import SpeedSettings
 from service.app import create_app
-from service.auth import OPEN_ROUTES_TEXT
-from service.connections import MAX_HEAD_BYTES, CappedSite, connection_cap, quiet_accept_errors, raise_file_limit
-from service.metrics import METRICS
-from service.keys import JOBS, LIFECYCLE
+from service.edge.auth import OPEN_ROUTES_TEXT
+from service.edge.connections import MAX_HEAD_BYTES, CappedSite, connection_cap, quiet_accept_errors, raise_file_limit
+from service.integrations.metrics import METRICS
+from service.app_keys import JOBS, LIFECYCLE
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("service")

@@ -17,24 +17,24 @@ from schemas.common import ErrorSchema
 from schemas.generate import GenerateResponseSchema
 from schemas.jobs import ProgressLineSchema
 from service import __version__
-from service.access_log import access_log_middleware
-from service.auth import auth_middleware
-from service.connections import body_deadline_middleware, peer_cap_middleware
-from service.errors import error_middleware, validation_error_callback
-from service.image_store import ImageStore
-from service.job_db import JobDatabase
-from service.job_routes import JOB_ROUTES
-from service.jobs import JobManager
-from service.json_body import StrictJSONParser
-from service.keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
+from service.edge.access_log import access_log_middleware
+from service.edge.auth import auth_middleware
+from service.edge.connections import body_deadline_middleware, peer_cap_middleware
+from service.edge.errors import error_middleware, validation_error_callback
+from service.jobs.image_store import ImageStore
+from service.jobs.job_db import JobDatabase
+from service.http.job_routes import JOB_ROUTES
+from service.jobs.manager import JobManager
+from service.edge.json_body import StrictJSONParser
+from service.app_keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
 from service.lifecycle import Lifecycle
-from service.octet_stream import octet_stream_if_asked
-from service.openapi_document import finish_document
-from service.routes import ROUTES
-from service.metrics import METRICS, METRICS_ROUTES, Metrics
+from service.http.octet_stream import octet_stream_if_asked
+from service.http.openapi_document import finish_document
+from service.http.routes import ROUTES
+from service.integrations.metrics import METRICS, METRICS_ROUTES, Metrics
 from service.settings import Settings
-from service.ui import UI_ROUTES, page_file_headers
-from service.webhooks import setup_webhooks
+from service.ui.page import UI_ROUTES, page_file_headers
+from service.integrations.webhooks import setup_webhooks
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from gpu_workers.flag_settings import build_parser as build_settings_parser
 from gpu_workers.flag_settings import flag, parse, setting
 from gpu_workers.shard_rules import DEFAULT_SHARD_TIMEOUT
 from gpu_workers.speed import SpeedFlags, SpeedSettings
-from service.forwarded import TrustedProxies
+from service.edge.forwarded import TrustedProxies
 
 # Shorter keys are too easy to guess for a server that anyone on its tunnel URL can reach.
 MIN_KEY_CHARS = 16

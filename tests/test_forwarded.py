@@ -1,4 +1,4 @@
-"""``service.forwarded``: which peers' forwarded headers count, and what they make of a request.
+"""``service.edge.forwarded``: which peers' forwarded headers count, and what they make of a request.
 
 aiohttp's own request factory builds the requests; ``clone(remote=...)`` sets the peer as a socket would.
 """
@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from service.forwarded import Origin, TrustedProxies, client_address, request_origin
-from service.job_listening import base_url
-from service.keys import SETTINGS
+from service.edge.forwarded import Origin, TrustedProxies, client_address, request_origin
+from service.http.job_listening import base_url
+from service.app_keys import SETTINGS
 from service.settings import Settings, load_settings
 
 LOCAL = TrustedProxies.parse("127.0.0.1")

@@ -74,7 +74,7 @@ async def test_jobs_resumed_after_a_restart_count_against_the_bound(aiohttp_clie
     """A job of 100 images was unfinished when the server stopped; after the restart (bound 120) it
     resumes before the port takes requests, and a new 40-image batch does not fit beside it."""
     from contract.batch import BatchSpec
-    from service.job_db import JobDatabase
+    from service.jobs.job_db import JobDatabase
 
     db = JobDatabase(tmp_path / "jobs.sqlite3")
     db.create("resumed-job", BatchSpec(tuple(f"p{i}" for i in range(100)), 1, 1, None, 0.0, "url", shard_size=4))
@@ -171,7 +171,7 @@ async def test_one_connection_past_the_cap_is_answered_503_and_closed(tmp_path: 
     from aiohttp import web
 
     from service.__main__ import bind
-    from service.connections import CappedSite
+    from service.edge.connections import CappedSite
 
     release = asyncio.Event()
 

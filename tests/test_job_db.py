@@ -7,7 +7,7 @@ from pathlib import Path
 
 from gpu_workers.sharding import split_into_shards
 from contract.batch import BatchSpec
-from service.job_db import CANCELLED, DONE, QUEUED, RUNNING, JobDatabase
+from service.jobs.job_db import CANCELLED, DONE, QUEUED, RUNNING, JobDatabase
 
 SPEC = BatchSpec(
     prompts=("a lighthouse", "a storm"),

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from gpu_workers.ledger import RequestLedger
 from gpu_workers.messages import ShardDone
-from service.image_store import ImageStore
+from service.jobs.image_store import ImageStore
 from contract.batch import BatchSpec
-from service.job_db import DONE, JobDatabase
-from service.jobs import JobEnded, JobManager, ShardStored
+from service.jobs.job_db import DONE, JobDatabase
+from service.jobs.manager import JobEnded, JobManager, ShardStored
 
 
 class ScriptedBackend:

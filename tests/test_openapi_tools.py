@@ -35,7 +35,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import OpenAPIV30SpecValidator
 
 from service.app import create_app
-from service.octet_stream import prefers_octet_stream
+from service.http.octet_stream import prefers_octet_stream
 from service.settings import Settings
 from tests.fake_transport import FakeTransport, fake_engine
 from tests.server_process import ServerProcess
@@ -58,7 +58,7 @@ OPERATION_IDS = {
     ("get", "/ui"): "ui",
     ("get", "/metrics"): "metrics",
 }
-# Routes that need no key on a keyed server (service.auth.OPEN_PATHS and OPEN_PREFIXES).
+# Routes that need no key on a keyed server (service.edge.auth.OPEN_PATHS and OPEN_PREFIXES).
 OPEN_OPERATIONS = {"health", "get_image", "ui"}
 BINARY_MEDIA = {"get_image": {"image/png", "image/webp", "image/jpeg"}, "get_job_archive": {"application/zip"}}
 

@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestClient
 
 from contract.batch import BatchSpec
 from service.app import create_app
-from service.image_store import ImageStore
-from service.job_db import JobDatabase
+from service.jobs.image_store import ImageStore
+from service.jobs.job_db import JobDatabase
 from service.settings import Settings
 from tests.fake_transport import FakeTransport, fake_engine
 

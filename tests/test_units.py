@@ -13,8 +13,8 @@ from gpu_workers.shard_queue import ShardQueue
 from contract.batch import BatchSpec
 from gpu_workers.sharding import split_into_shards
 from schemas.generate import GenerateRequestSchema
-from service.errors import describe_validation_error
-from service.image_store import ImageStore, content_type
+from service.edge.errors import describe_validation_error
+from service.jobs.image_store import ImageStore, content_type
 from service.settings import load_settings
 
 

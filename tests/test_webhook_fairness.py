@@ -36,11 +36,12 @@ from aiohttp.test_utils import TestClient
 
 from benchmarks.slow_dns import SilentNameserver
 from contract.batch import BatchSpec
-from service import webhook_addresses, webhooks
-from service.job_db import DONE, JobDatabase
-from service.keys import JOBS
+from service.integrations import webhook_addresses
+from service.integrations import webhooks
+from service.jobs.job_db import DONE, JobDatabase
+from service.app_keys import JOBS
 from service.settings import Settings
-from service.webhook_outbox import OutboxRow, WebhookTarget, due_rows, message_id, pending_of_owner, target_of
+from service.jobs.webhook_outbox import OutboxRow, WebhookTarget, due_rows, message_id, pending_of_owner, target_of
 from tests.server_process import REPO
 from tests.test_webhooks import SECRET, eventually, start
 from tests.test_webhooks import names as names_fixture  # noqa: F401 - the ``names`` fixture, for the tests here

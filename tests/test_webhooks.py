@@ -4,7 +4,7 @@ the same event loop. Signatures are checked with the ``standardwebhooks`` packag
 
 The receiver is on loopback, so the delivery tests run with ``webhook_allow_private``; the
 refusal tests run without it. Names other than ``localhost`` are answered by a stand-in for
-``HostResolver.lookup`` (``service/webhook_addresses.py``): no test resolves or reaches anything
+``HostResolver.lookup`` (``service/integrations/webhook_addresses.py``): no test resolves or reaches anything
 off this machine.
 """
 
@@ -32,12 +32,13 @@ from aiohttp.test_utils import TestClient
 from standardwebhooks import Webhook
 
 from contract.batch import BatchSpec
-from service import webhook_addresses, webhooks
+from service.integrations import webhook_addresses
+from service.integrations import webhooks
 from service.app import create_app
-from service.job_db import CANCELLED, DONE, JobDatabase
-from service.keys import JOBS
+from service.jobs.job_db import CANCELLED, DONE, JobDatabase
+from service.app_keys import JOBS
 from service.settings import Settings, load_settings, validate
-from service.webhook_outbox import Delivery, WebhookTarget, deliveries, message_id, next_per_target
+from service.jobs.webhook_outbox import Delivery, WebhookTarget, deliveries, message_id, next_per_target
 from tests.fake_transport import FAIL, SLOW, FakeTransport, fake_engine
 from tests.readme import readme_block
 
@@ -486,7 +487,7 @@ async def test_a_checked_name_is_connected_at_the_address_checked(aiohttp_client
 async def test_a_redirect_is_not_followed_and_the_last_attempt_gives_the_message_up(aiohttp_client, tmp_path: Path, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
     receiver.statuses = [302, 302]
     client, _ = await start(aiohttp_client, tmp_path, webhook_max_attempts=2)
-    with caplog.at_level(logging.INFO, logger="service.webhooks"):
+    with caplog.at_level(logging.INFO, logger="service.integrations.webhooks"):
         job = await submit(client, receiver.url)
         [dead] = await eventually(lambda: _dead(client, job["job_id"]), what="given up after 2 attempts")
     assert dead.attempts == 2 and "redirect (not followed)" in dead.last_error

@@ -1,8 +1,8 @@
 """Webhooks: signed POSTs to the ``webhook_url`` a job was submitted with, sent from the durable
-outbox in the job database (``service/webhook_outbox.py``), as the Standard Webhooks
+outbox in the job database (``service/jobs/webhook_outbox.py``), as the Standard Webhooks
 specification describes them. Where the server may connect, and how it resolves a webhook host
 (its own resolver, never the job database's or the image store's threads), is
-``service/webhook_addresses.py``.
+``service/integrations/webhook_addresses.py``.
 
 - **Submit** (``webhook_of``): a URL is taken only by a server that can sign (``--webhook-secret``),
   only while the key's outbox has room for the messages the job will add
@@ -45,14 +45,14 @@ from yarl import URL
 
 from contract.webhooks import IMAGE_COMPLETED
 from service import __version__
-from service.auth import owner_of
-from service.errors import json_error
-from service.job_db import JobDatabase
-from service.job_listening import base_url
-from service.keys import JOBS, SETTINGS
+from service.edge.auth import owner_of
+from service.edge.errors import json_error
+from service.jobs.job_db import JobDatabase
+from service.http.job_listening import base_url
+from service.app_keys import JOBS, SETTINGS
 from service.settings import Settings
-from service.webhook_addresses import CheckingResolver, HostResolver, LookupsBusy, TargetRefused, literal
-from service.webhook_outbox import (
+from service.integrations.webhook_addresses import CheckingResolver, HostResolver, LookupsBusy, TargetRefused, literal
+from service.jobs.webhook_outbox import (
     OutboxRow,
     WebhookTarget,
     due_rows,

@@ -17,12 +17,12 @@ from typing import Any
 
 from aiohttp import web
 
-from service.job_listening import base_url, follow
-from service.job_result import JobResult, image_value
-from service.jobs import JobEvent, LiveJob, ShardStored
-from service.connections import BodyWriter
-from service.keys import JOBS, SETTINGS, STORE
-from service.streaming import start_stream
+from service.http.job_listening import base_url, follow
+from service.http.job_result import JobResult, image_value
+from service.jobs.manager import JobEvent, LiveJob, ShardStored
+from service.edge.connections import BodyWriter
+from service.app_keys import JOBS, SETTINGS, STORE
+from service.http.streaming import start_stream
 
 NDJSON_CONTENT_TYPE = "application/x-ndjson"
 

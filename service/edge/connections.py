@@ -45,8 +45,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from service.errors import json_error
-from service.forwarded import TrustedProxies, request_origin
+from service.edge.errors import json_error
+from service.edge.forwarded import TrustedProxies, request_origin
 from service.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)

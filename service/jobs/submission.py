@@ -9,14 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
-from service.access_log import REQUEST_ID
-from service.admission import admit
-from service.auth import owner_of
-from service.idempotency import conflict, idempotency_of
-from service.job_db import Idempotency, IdempotencyKeyTaken, VariantOf
-from service.jobs import JobEvent, JobManager, LiveJob
-from service.keys import JOBS
-from service.webhooks import webhook_of
+from service.edge.access_log import REQUEST_ID
+from service.jobs.admission import admit
+from service.edge.auth import owner_of
+from service.jobs.idempotency import conflict, idempotency_of
+from service.jobs.job_db import Idempotency, IdempotencyKeyTaken, VariantOf
+from service.jobs.manager import JobEvent, JobManager, LiveJob
+from service.app_keys import JOBS
+from service.integrations.webhooks import webhook_of
 
 
 @dataclass

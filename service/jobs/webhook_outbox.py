@@ -1,7 +1,7 @@
 """The webhook outbox: a table in the job database whose rows are written in the very transactions
 that record what they tell (a job's end in ``JobDatabase.finish``, a shard's images in
 ``record_shard``), so no crash can record an event and lose its message, or the reverse. The
-deliverer (``service/webhooks.py``) sends the rows and marks them.
+deliverer (``service/integrations/webhooks.py``) sends the rows and marks them.
 
 A row is one message: its id (the ``webhook-id`` of every attempt, derived from the job, the event
 and the image, so the same event can never be written twice), the key that owns its job, the URL,
@@ -29,7 +29,7 @@ from yarl import URL
 from contract.batch import BatchSpec
 from contract.states import JobState
 from contract.webhooks import IMAGE_COMPLETED, JOB_COMPLETED, JOB_FAILED
-from service.image_store import file_name
+from service.jobs.image_store import file_name
 
 OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_outbox (
@@ -145,7 +145,7 @@ def messages_of(events: tuple[str, ...], images: int) -> int:
 
 
 def image_link(links_base: str, name: str) -> str:
-    """An image's link, as ``service.job_result.image_url`` makes it."""
+    """An image's link, as ``service.http.job_result.image_url`` makes it."""
     return f"{links_base}/images/{file_name(name)}"
 
 

@@ -1,4 +1,4 @@
-"""``GET /ui``: a page for people, served by the server itself (``service/static/ui``).
+"""``GET /ui``: a page for people, served by the server itself (``service/ui/static/ui``).
 
 Plain HTML, CSS and one JavaScript module: no build step, nothing from a CDN, so it works on a box
 with no internet. It talks only to this server (the Content-Security-Policy holds it to that): it

@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from service.errors import json_error
-from service.keys import API_KEYS, SETTINGS
-from service.access_log import KEY_NAME
+from service.edge.errors import json_error
+from service.app_keys import API_KEYS, SETTINGS
+from service.edge.access_log import KEY_NAME
 from service.settings import ApiKey
 
 # Routes a monitor, a browser or a person needs without a key: health checks, the documentation page

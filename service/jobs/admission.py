@@ -11,11 +11,11 @@ from aiohttp import web
 
 from contract.batch import SEED_SPACE, BatchSpec
 from contract.formats import parse_size
-from service.access_log import IMAGES
-from service.auth import owner_of
-from service.errors import json_error
-from service.keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
-from service.metrics import METRICS
+from service.edge.access_log import IMAGES
+from service.edge.auth import owner_of
+from service.edge.errors import json_error
+from service.app_keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
+from service.integrations.metrics import METRICS
 
 NO_WORKER_RETRY_AFTER = "10"
 DRAINING_RETRY_AFTER = "30"

@@ -131,7 +131,7 @@ class _Levels(Collector):
         return []  # read at scrape time only: nothing to check at registration
 
     def collect(self) -> Iterator[Any]:
-        from service.keys import JOBS, POOL
+        from service.app_keys import JOBS, POOL
 
         pool = self._app[POOL]
         queue = GaugeMetricFamily("sdxl_queue", "Work accepted and waiting for a worker", labels=["unit"])
@@ -176,7 +176,7 @@ METRICS = web.AppKey("metrics", Metrics)
     responses={200: {"description": "The metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}, **UNAUTHORIZED},
 )
 async def metrics(request: web.Request) -> web.Response:
-    from service.keys import JOBS, POOL
+    from service.app_keys import JOBS, POOL
 
     collected = request.app[METRICS]
     collected.know_workers([worker.worker_id for worker in request.app[POOL].snapshot()])

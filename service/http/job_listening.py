@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service.forwarded import request_origin
-from service.jobs import JobEnded, JobEvent, ShardStored
-from service.keys import SETTINGS
+from service.edge.forwarded import request_origin
+from service.jobs.manager import JobEnded, JobEvent, ShardStored
+from service.app_keys import SETTINGS
 
 HANGUP_CHECK_SECONDS = 0.5
 

@@ -28,19 +28,19 @@ from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema
 from schemas.jobs import JOB_STATES, JobCreatedSchema, JobListSchema, JobStatusSchema
 from schemas.variants import MAX_VARIANTS_PER_IMAGE, VariantRequestSchema
 from contract.formats import quality_for
-from service.archive import ArchiveEntry, blocks, build_zip, entry_name
-from service.auth import continue_if_allowed, job_owner, owner_of
-from service.errors import json_error
+from service.jobs.archive import ArchiveEntry, blocks, build_zip, entry_name
+from service.edge.auth import continue_if_allowed, job_owner, owner_of
+from service.edge.errors import json_error
 from contract.states import JobState
-from service.job_db import DONE, JobRecord, VariantOf
-from service.job_listening import base_url
-from service.idempotency import REPLAYED_HEADER
-from service.job_result import JobResult, image_url
-from service import webhook_outbox
-from service.keys import JOBS, SETTINGS, STORE
-from service.streaming import start_stream
-from service.submission import Submitted, submit
-from service.variants import variant_batch, variant_file, variant_lines, variants_of
+from service.jobs.job_db import DONE, JobRecord, VariantOf
+from service.http.job_listening import base_url
+from service.jobs.idempotency import REPLAYED_HEADER
+from service.http.job_result import JobResult, image_url
+from service.jobs import webhook_outbox
+from service.app_keys import JOBS, SETTINGS, STORE
+from service.http.streaming import start_stream
+from service.jobs.submission import Submitted, submit
+from service.jobs.variants import variant_batch, variant_file, variant_lines, variants_of
 
 log = logging.getLogger(__name__)
 

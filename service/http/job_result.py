@@ -21,12 +21,12 @@ from aiohttp import web
 
 from contract.batch import BatchSpec
 from contract.states import JobState
-from service.admission import DRAINING_RETRY_AFTER
-from service.connections import BodyWriter
-from service.errors import json_error
-from service.image_store import ImageStore, file_name
-from service.job_db import StoredImage
-from service.jobs import JobEnded, LiveJob
+from service.jobs.admission import DRAINING_RETRY_AFTER
+from service.edge.connections import BodyWriter
+from service.edge.errors import json_error
+from service.jobs.image_store import ImageStore, file_name
+from service.jobs.job_db import StoredImage
+from service.jobs.manager import JobEnded, LiveJob
 
 
 def evicted_detail(job_id: str, missing: int) -> str:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.generate import GenerateRequestSchema
-from service.job_db import JobDatabase, JobRecord, StoredImage
-from service.job_result import image_url
+from service.jobs.job_db import JobDatabase, JobRecord, StoredImage
+from service.http.job_result import image_url
 
 
 @dataclass(frozen=True)

@@ -23,20 +23,20 @@ from schemas.common import (
 from schemas.generate import EXAMPLE_REQUEST, MAX_IMAGES_PER_PROMPT, GenerateRequestSchema
 from schemas.health import HealthSchema
 from service import __version__
-from service.access_log import REQUEST_ID
+from service.edge.access_log import REQUEST_ID
 from contract.states import JobState
-from service.idempotency import REPLAYED_HEADER
-from service.auth import continue_if_allowed
+from service.jobs.idempotency import REPLAYED_HEADER
+from service.edge.auth import continue_if_allowed
 from contract.formats import CONTENT_TYPES, IMAGE_FORMATS
-from service.errors import json_error
-from service.image_store import content_type
-from service.job_listening import base_url, follow
-from service.job_result import JobResult
-from service.jobs import JobEvent, LiveJob, ShardStored
-from service.keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
-from service.ndjson import NDJSON_CONTENT_TYPE, stream_progress, wants_ndjson
-from service.streaming import HeartbeatResponse
-from service.submission import submit
+from service.edge.errors import json_error
+from service.jobs.image_store import content_type
+from service.http.job_listening import base_url, follow
+from service.http.job_result import JobResult
+from service.jobs.manager import JobEvent, LiveJob, ShardStored
+from service.app_keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
+from service.http.ndjson import NDJSON_CONTENT_TYPE, stream_progress, wants_ndjson
+from service.http.streaming import HeartbeatResponse
+from service.jobs.submission import submit
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """One structured line per request, and a request id on every response.
 
 The line is JSON so that log tools can filter it: id, method, route, status, images, the API key's
-name, duration, the client's address (as a trusted proxy forwards it: ``service.forwarded``) and the
+name, duration, the client's address (as a trusted proxy forwards it: ``service.edge.forwarded``) and the
 peer's (the proxy's, behind one). Prompts are logged only at debug level, elsewhere; keys never.
 """
 
@@ -15,15 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
-from service.forwarded import request_origin
-from service.keys import SETTINGS
-from service.metrics import observe
+from service.edge.forwarded import request_origin
+from service.app_keys import SETTINGS
+from service.integrations.metrics import observe
 
 log = logging.getLogger("service.access")
 
 REQUEST_ID = "request_id"
 IMAGES = "images"
-# What ``service.auth.refusal`` leaves on a request whose API key matched: the key's name.
+# What ``service.edge.auth.refusal`` leaves on a request whose API key matched: the key's name.
 KEY_NAME = "api_key_name"
 
 

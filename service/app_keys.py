@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from gpu_workers.backend import ShardBackend
-from service.image_store import ImageStore
-from service.jobs import JobManager
+from service.jobs.image_store import ImageStore
+from service.jobs.manager import JobManager
 from service.lifecycle import Lifecycle
 from service.settings import Settings
 

@@ -1,5 +1,5 @@
 """Heartbeats while a request runs (DESIGN.md section 2); the body that follows is the job's result
-(``service.job_result``).
+(``service.http.job_result``).
 
 Tunnels such as ngrok and zrok cut a connection that stays silent too long. Once a request is
 accepted, the status line is held back for at most one heartbeat interval, so a fast success or a
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from aiohttp import HttpVersion11, web
 
-from service.connections import BodyWriter
-from service.keys import LIFECYCLE, SETTINGS
+from service.edge.connections import BodyWriter
+from service.app_keys import LIFECYCLE, SETTINGS
 
 JSON_CONTENT_TYPE = "application/json"
 HEARTBEAT = b" "

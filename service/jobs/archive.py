@@ -21,8 +21,8 @@ from typing import Any
 from zipstream import ZIP_STORED, ZipStream
 
 from contract.batch import BatchSpec
-from service.job_db import JobRecord, StoredImage
-from service.variants import Variant
+from service.jobs.job_db import JobRecord, StoredImage
+from service.jobs.variants import Variant
 
 MANIFEST_NAME = "manifest.json"
 # Bytes handed from the reading thread to the event loop at a time.
@@ -34,7 +34,7 @@ class ArchiveEntry:
     image: StoredImage
     path: Path
     file: str
-    # A re-roll of the job's image ``variant.index`` (``service.variants``); None for the job's own.
+    # A re-roll of the job's image ``variant.index`` (``service.jobs.variants``); None for the job's own.
     variant: Variant | None = None
 
 

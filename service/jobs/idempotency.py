@@ -2,7 +2,7 @@
 request again with the same key and gets the same job, never a second run of it.
 
 The key is kept with the job in the database (so it survives a restart) for as long as the job:
-the retention time after it ended. It belongs to the submitter (``service.auth.owner_of``): two
+the retention time after it ended. It belongs to the submitter (``service.edge.auth.owner_of``): two
 API keys can use the same idempotency key without meeting. The body is compared by a hash of what
 it means (the validated fields with their defaults, in a canonical order), so whitespace or key
 order of a resent body does not matter, and a different request under a reused key is a 422 rather
@@ -18,8 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
-from service.errors import json_error
-from service.job_db import Idempotency, JobRecord
+from service.edge.errors import json_error
+from service.jobs.job_db import Idempotency, JobRecord
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 from contract.batch import BatchSpec
 from contract.states import UNFINISHED_JOB_STATES as UNFINISHED_STATES
 from contract.states import JobState
-from service import webhook_outbox
-from service.webhook_outbox import WebhookTarget
+from service.jobs import webhook_outbox
+from service.jobs.webhook_outbox import WebhookTarget
 
 T = TypeVar("T")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED
@@ -58,17 +58,17 @@ CREATE TABLE IF NOT EXISTS job_images (
 # defaults that say "not known" for the rows it already holds).
 _ADDED_COLUMNS = {
     "jobs": {
-        # Who submitted the job (``service.auth.owner_of``: never the key itself); '' with no keys.
+        # Who submitted the job (``service.edge.auth.owner_of``: never the key itself); '' with no keys.
         "owner": "TEXT NOT NULL DEFAULT ''",
         # Idempotency-Key of the request and a hash of its validated body.
         "idempotency_key": "TEXT",
         "request_hash": "TEXT",
         # Where its webhook events go, which ones (JSON list), and the base of the links in them
-        # (``service.webhook_outbox.WebhookTarget``); NULL: no webhook.
+        # (``service.jobs.webhook_outbox.WebhookTarget``); NULL: no webhook.
         "webhook_url": "TEXT",
         "webhook_events": "TEXT",
         "links_base": "TEXT",
-        # A re-roll of one image of another job (``service.variants``): that job and the image's
+        # A re-roll of one image of another job (``service.jobs.variants``): that job and the image's
         # index; NULL for a batch of its own.
         "parent_job_id": "TEXT",
         "parent_index": "INTEGER",
@@ -150,7 +150,7 @@ class JobDatabase:
         self._db.executescript(_INDEXES)
         webhook_outbox.open_outbox(self._db)
         # Called (from the writing thread) after a commit that added webhook messages: the
-        # deliverer's wake-up (``service.webhooks``).
+        # deliverer's wake-up (``service.integrations.webhooks``).
         self.outbox_written: Callable[[], None] | None = None
         # The database's own threads: nothing else (a name to resolve, an image file) can take them,
         # so a slow thing elsewhere never queues a job read behind it. Two: one connection under a
@@ -228,7 +228,7 @@ class JobDatabase:
 
     def variants(self, parent_job_id: str) -> list[tuple[int, JobRecord, StoredImage | None]]:
         """The re-rolls of a job's images, oldest first: the image's index, the re-roll's job and
-        its one image once stored (``service.variants``), in one query."""
+        its one image once stored (``service.jobs.variants``), in one query."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT parent_index, {_PREFIXED_COLUMNS}, i.idx, i.image_id, i.sha256, i.bytes, i.receipt"
@@ -297,7 +297,7 @@ class JobDatabase:
 
     def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work(connection)`` in one transaction under the lock: for the tables other modules
-        keep here (the webhook outbox, ``service/webhook_outbox.py``)."""
+        keep here (the webhook outbox, ``service/jobs/webhook_outbox.py``)."""
         with self._lock, self._db:
             self._db.execute("BEGIN")
             return work(self._db)

@@ -1,5 +1,5 @@
 """Why a request failed, as the engine reports it. The engine knows nothing of HTTP: the service
-maps each reason to a status (``service.edge.errors.status_for``)."""
+maps each reason to a status (``service.jobs.refusal.status_for``)."""
 
 from __future__ import annotations
 

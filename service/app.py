@@ -17,24 +17,26 @@ from schemas.common import ErrorSchema
 from schemas.generate import GenerateResponseSchema
 from schemas.jobs import ProgressLineSchema
 from service import __version__
+from service.app_keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE, SUBMITTER
 from service.edge.access_log import access_log_middleware
 from service.edge.auth import auth_middleware
 from service.edge.connections import body_deadline_middleware, peer_cap_middleware
 from service.edge.errors import error_middleware, validation_error_callback
-from service.jobs.image_store import ImageStore
-from service.jobs.job_db import JobDatabase
-from service.http.job_routes import JOB_ROUTES
-from service.jobs.manager import JobManager
 from service.edge.json_body import StrictJSONParser
-from service.app_keys import API_KEYS, JOBS, LIFECYCLE, POOL, SETTINGS, STORE
-from service.lifecycle import Lifecycle
+from service.http.job_routes import JOB_ROUTES
 from service.http.octet_stream import octet_stream_if_asked
 from service.http.openapi_document import finish_document
 from service.http.routes import ROUTES
 from service.integrations.metrics import METRICS, METRICS_ROUTES, Metrics
+from service.integrations.webhooks import WEBHOOKS, setup_webhooks
+from service.jobs.admission import Admission
+from service.jobs.image_store import ImageStore
+from service.jobs.job_db import JobDatabase
+from service.jobs.manager import JobManager
+from service.jobs.submission import Submitter
+from service.lifecycle import Lifecycle
 from service.settings import Settings
 from service.ui.page import UI_ROUTES, page_file_headers
-from service.integrations.webhooks import setup_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ def create_app(settings: Settings, pool: Any) -> web.Application:
     app.cleanup_ctx.append(_run_jobs)
     app.cleanup_ctx.append(_evict_expired)
     setup_webhooks(app)  # after the jobs: stopped before their database closes
+    admission = Admission(settings, pool, app[STORE], app[LIFECYCLE], app[JOBS], len(keys), on_accepted=app[METRICS].count_accepted)
+    app[SUBMITTER] = Submitter(app[JOBS], admission, app[WEBHOOKS].check)
     _document(app, secured=bool(keys))
     _allow_origins(app, settings.allowed_origins())
     return app

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from service.edge.forwarded import Origin, TrustedProxies, client_address, request_origin
-from service.http.job_listening import base_url
+from service.http.asked import links_of
 from service.app_keys import SETTINGS
 from service.settings import Settings, load_settings
 
@@ -120,9 +120,9 @@ def test_the_client_is_the_first_address_from_the_right_that_is_not_a_proxy() ->
         (Settings(forwarded_allow_ips="10.0.0.0/8"), "http://127.0.0.1:8000"),  # the peer is no longer trusted
     ],
 )
-def test_base_url_is_decided_in_one_place(settings: Settings, links: str) -> None:
+def test_links_are_decided_in_one_place(settings: Settings, links: str) -> None:
     app = web.Application()
     app[SETTINGS] = settings
     headers = {"Host": "127.0.0.1:8000", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "proxy.example", "X-Forwarded-Port": "8443"}
     request = make_mocked_request("GET", "/jobs/x", headers=headers, app=app).clone(remote="127.0.0.1")
-    assert base_url(request) == links
+    assert links_of(request) == links

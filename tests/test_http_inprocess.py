@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from contract.failures import FailureReason
 from service.app import create_app
-from service.edge.errors import status_for
+from service.jobs.refusal import status_for
 from service.settings import Settings
 from tests.fake_transport import FAIL, LOSE, SLOW, FakeTransport, fake_engine, fake_png
 

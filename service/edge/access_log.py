@@ -21,15 +21,16 @@ from service.integrations.metrics import observe
 
 log = logging.getLogger("service.access")
 
-REQUEST_ID = "request_id"
-IMAGES = "images"
+# Also the job id of a generate request: 128 random bits, since a job id is all it takes to read its images.
+REQUEST_ID = web.RequestKey("request_id", str)
+# The images a request's job was admitted with (``service.http.asked.submit``).
+IMAGES = web.RequestKey("images", int)
 # What ``service.edge.auth.refusal`` leaves on a request whose API key matched: the key's name.
-KEY_NAME = "api_key_name"
+KEY_NAME = web.RequestKey("api_key_name", str)
 
 
 @web.middleware
 async def access_log_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    # Also the job id of a generate request: 128 random bits, since a job id is all it takes to read its images.
     request[REQUEST_ID] = secrets.token_hex(16)
     started = time.perf_counter()
     status = 500
@@ -43,18 +44,20 @@ async def access_log_middleware(request: web.Request, handler: Any) -> web.Strea
         status = exc.status
         raise
     finally:
-        observe(request.app, request, status, started)
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
+        seconds = time.perf_counter() - started
+        resource = request.match_info.route.resource
+        template = resource.canonical if resource is not None else None
+        observe(request.app, template, request.method, status, seconds)
         log.info(
             json.dumps(
                 {
                     "id": request[REQUEST_ID],
                     "method": request.method,
-                    "route": route,
+                    "route": template or request.path,
                     "status": status,
                     "images": request.get(IMAGES, 0),
                     "key": request.get(KEY_NAME),
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "duration_ms": round(seconds * 1000, 1),
                     "client": request_origin(request, request.app[SETTINGS].trusted_proxies()).client,
                     "peer": request.remote,
                 }

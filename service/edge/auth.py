@@ -42,18 +42,6 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("X-API-Key") or None
 
 
-def owner_of(request: web.Request) -> str:
-    """Whose work a request is, for the fair queue, ``GET /jobs``, idempotency keys, the access log
-    and the metrics: the name of its API key (never the key itself), or '' without keys."""
-    return request.get(KEY_NAME, "")
-
-
-def job_owner(request: web.Request) -> str | None:
-    """Whose jobs a request may see, for every lookup of a job (``JobManager.record``): its key's
-    name; None on a server without keys, where every job is everyone's, as it was before keys."""
-    return owner_of(request) if request.app[API_KEYS] else None
-
-
 def matching_key(candidate: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
     """The key ``candidate`` is, compared with every key (no early exit). A header that is not valid
     text (aiohttp keeps its undecodable bytes as surrogates) matches none: a 401 like any wrong key."""
@@ -67,7 +55,7 @@ def matching_key(candidate: str, keys: tuple[ApiKey, ...]) -> ApiKey | None:
 
 def refusal(request: web.Request, keys: tuple[ApiKey, ...]) -> web.Response | None:
     """The 401 for a request that needs a key and has none that matches; None when it may pass
-    (and then the request knows its key's name: ``owner_of``)."""
+    (and then the request knows its key's name: ``service.http.asked.caller_of``)."""
     if not keys:
         return None
     candidate = presented_key(request)

@@ -455,9 +455,11 @@ class BodyWriter:
     ``lifecycle`` drains, the deadline is DRAIN_WRITE_SECONDS (from the drain's start for a write
     already waiting): the shutdown then waits for the GPUs, not for clients that read nothing."""
 
-    def __init__(self, request: web.Request, response: web.StreamResponse, timeout: float, lifecycle: Lifecycle) -> None:
-        self.request = request
+    def __init__(
+        self, response: web.StreamResponse, transport: asyncio.Transport | None, timeout: float, lifecycle: Lifecycle
+    ) -> None:
         self.response = response
+        self.transport = transport
         self.timeout = timeout
         self.lifecycle = lifecycle
 
@@ -490,7 +492,7 @@ class BodyWriter:
                 write.cancel()
 
     def _cut(self, waited: float) -> None:
-        transport = self.request.transport
+        transport = self.transport
         if transport is not None:
             # A reset, not a close: a closed socket would keep the unsent body queued in the
             # kernel for as long as the client keeps its end open.

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from aiohttp import web
 from marshmallow import ValidationError
 
-from contract.failures import FailureReason
+from service.jobs.refusal import Refusal
 
 log = logging.getLogger(__name__)
 
-# The engine says why a request failed; the HTTP status is chosen here, and only here. 503 says
-# "try again later": the cause is outside the request (the transport, a stop).
-RETRY_LATER_REASONS = frozenset({FailureReason.TRANSPORT_LOST, FailureReason.SHUTTING_DOWN})
 
-
-def status_for(reason: FailureReason) -> int:
-    return 503 if reason in RETRY_LATER_REASONS else 500
-
-
-def json_error(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+def json_error(status: int, detail: str, headers: Mapping[str, str] | None = None, **extra: Any) -> web.Response:
     return web.json_response({"detail": detail, **extra}, status=status, headers=headers)
+
+
+def refusal_response(refusal: Refusal) -> web.Response:
+    """A job room's refusal (``service.jobs.refusal``) as the error body every refusal has."""
+    return json_error(refusal.status, refusal.detail, headers=refusal.headers, **refusal.fields)
 
 
 def _flatten(messages: Any, path: str = "") -> dict[str, list[str]]:

@@ -24,18 +24,13 @@ from contract.states import JobState
 from service.jobs.admission import DRAINING_RETRY_AFTER
 from service.edge.connections import BodyWriter
 from service.edge.errors import json_error
-from service.jobs.image_store import ImageStore, file_name
+from service.jobs.image_store import ImageStore, image_url
 from service.jobs.job_db import StoredImage
 from service.jobs.manager import JobEnded, LiveJob
 
 
 def evicted_detail(job_id: str, missing: int) -> str:
     return f"Job {job_id} is done, but {missing} of its images were removed to keep the image folder within its disk budget."
-
-
-def image_url(base: str, name: str) -> str:
-    """The link of a stored image (``<id>.<ext>``; a bare id from before formats is a PNG)."""
-    return f"{base}/images/{file_name(name)}"
 
 
 def image_value(spec: BatchSpec, image: bytes | Path, image_id: str, base: str) -> bytes:

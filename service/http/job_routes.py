@@ -28,18 +28,19 @@ from schemas.generate import EXAMPLE_REQUEST, GenerateRequestSchema
 from schemas.jobs import JOB_STATES, JobCreatedSchema, JobListSchema, JobStatusSchema
 from schemas.variants import MAX_VARIANTS_PER_IMAGE, VariantRequestSchema
 from contract.formats import quality_for
-from service.jobs.archive import ArchiveEntry, blocks, build_zip, entry_name
-from service.edge.auth import continue_if_allowed, job_owner, owner_of
-from service.edge.errors import json_error
 from contract.states import JobState
-from service.jobs.job_db import DONE, JobRecord, VariantOf
-from service.http.job_listening import base_url
-from service.jobs.idempotency import REPLAYED_HEADER
-from service.http.job_result import JobResult, image_url
-from service.jobs import webhook_outbox
 from service.app_keys import JOBS, SETTINGS, STORE
-from service.http.streaming import start_stream
-from service.jobs.submission import Submitted, submit
+from service.edge.auth import continue_if_allowed
+from service.edge.errors import json_error
+from service.http.asked import caller_of, links_of, submit
+from service.http.job_result import JobResult
+from service.http.streaming import Reply
+from service.jobs import webhook_outbox
+from service.jobs.archive import ArchiveEntry, blocks, build_zip, entry_name
+from service.jobs.idempotency import REPLAYED_HEADER
+from service.jobs.image_store import image_url
+from service.jobs.job_db import DONE, JobRecord, VariantOf
+from service.jobs.submission import Submitted
 from service.jobs.variants import variant_batch, variant_file, variant_lines, variants_of
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         limit = 0
     if not 1 <= limit <= MAX_PAGE:
         return json_error(400, f"limit must be a whole number from 1 to {MAX_PAGE}.")
-    owner = owner_of(request)
+    owner = caller_of(request).owner
     cursor = None
     if "before" in request.query:
         last = await own_job(request, request.query["before"])
@@ -163,7 +164,7 @@ async def get_job(request: web.Request) -> web.StreamResponse:
         status["webhooks"] = [
             {"event": d.event, "webhook_id": d.message_id, "state": d.state, "attempts": d.attempts, "last_error": d.last_error} for d in deliveries
         ]
-    links = base_url(request)
+    links = links_of(request)
     variants = await request.app[JOBS].db.run(variants_of, request.app[JOBS].db, record.job_id)
     if variants:
         status["variants"] = variant_lines(variants, links)
@@ -179,9 +180,9 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     result = done.with_files(await request.app[JOBS].stored_images(record.job_id), request.app[STORE])
     if not result.done:
         return json_error(result.status, result.failure_detail())
-    writer = await start_stream(request, {"X-Job-Id": record.job_id})
+    writer = await Reply(request).start({"X-Job-Id": record.job_id})
     try:
-        await result.write_body(writer, base_url(request), extra=status)
+        await result.write_body(writer, links, extra=status)
     except ConnectionError:  # reset, or lost while writing
         log.info("job %s: the client went away while reading its result", record.job_id)
     return writer.response
@@ -275,7 +276,7 @@ async def job_archive(request: web.Request) -> web.StreamResponse:
         "Content-Disposition": f'attachment; filename="job-{record.job_id}{suffix}.zip"',
         "Cache-Control": "no-store",
     }
-    writer = await start_stream(request, headers, "application/zip", content_length=len(archive))
+    writer = await Reply(request).start(headers, "application/zip", content_length=len(archive))
     try:
         async for block in blocks(archive, store.run):
             await writer.write(block)
@@ -288,7 +289,7 @@ async def job_archive(request: web.Request) -> web.StreamResponse:
 async def own_job(request: web.Request, job_id: str) -> JobRecord | None:
     """The one lookup of a job that every job route and the list's cursor make: None for an unknown
     job and for another API key's job alike, so that no answer tells the two apart (DESIGN 4c)."""
-    return await request.app[JOBS].record(job_id, job_owner(request))
+    return await request.app[JOBS].record(job_id, caller_of(request).sees)
 
 
 @docs(

@@ -15,21 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from service.http.job_listening import base_url, follow
-from service.http.job_result import JobResult, image_value
-from service.jobs.manager import JobEvent, LiveJob, ShardStored
 from service.edge.connections import BodyWriter
-from service.app_keys import JOBS, SETTINGS, STORE
-from service.http.streaming import start_stream
-
-NDJSON_CONTENT_TYPE = "application/x-ndjson"
-
-
-def wants_ndjson(request: web.Request) -> bool:
-    accepted = (part.split(";")[0].strip().lower() for part in request.headers.get("Accept", "").split(","))
-    return NDJSON_CONTENT_TYPE in accepted
+from service.http.asked import NDJSON_CONTENT_TYPE
+from service.http.job_listening import follow
+from service.http.job_result import JobResult, image_value
+from service.http.streaming import Reply
+from service.jobs.manager import JobEvent, JobManager, LiveJob, ShardStored
 
 
 async def write_line(writer: BodyWriter, line: dict[str, Any]) -> None:
@@ -37,14 +28,21 @@ async def write_line(writer: BodyWriter, line: dict[str, Any]) -> None:
 
 
 async def stream_progress(
-    request: web.Request, job: LiveJob, listener: asyncio.Queue[JobEvent], headers: dict[str, str]
-) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
+    reply: Reply,
+    jobs: JobManager,
+    job: LiveJob,
+    listener: asyncio.Queue[JobEvent],
+    headers: dict[str, str],
+    links: str,
+    interval: float,
+) -> BodyWriter:
+    """The job's lines, written as it runs; ``links``: the base of image links, ``interval``: the
+    heartbeat interval between progress lines."""
     spec = job.spec
-    links = base_url(request)
+    store = jobs.store
     seeds = spec.seeds
     image_field = "url" if spec.as_url else "base64"
-    writer = await start_stream(request, headers, NDJSON_CONTENT_TYPE)
+    writer = await reply.start(headers, NDJSON_CONTENT_TYPE)
     await write_line(
         writer,
         {"type": "job", "job_id": job.job_id, "images_total": spec.total_images, "return_format": spec.return_format, "seeds": list(seeds)},
@@ -56,11 +54,10 @@ async def stream_progress(
         if index in sent:
             return
         sent.add(index)
-        value = await request.app[STORE].run(image_value, spec, data, name, links)
+        value = await store.run(image_value, spec, data, name, links)
         await write_line(writer, {"type": "image", "index": index, "seed": seeds[index], image_field: value.decode()})
 
-    store = request.app[STORE]
-    for image in await request.app[JOBS].stored_images(job.job_id):  # after listening: none is missed
+    for image in await jobs.stored_images(job.job_id):  # after listening: none is missed
         path = store.path_for(image.name)
         if path is not None:
             await image_line(image.index, path, image.name)
@@ -72,7 +69,7 @@ async def stream_progress(
     async def progress() -> None:
         await write_line(writer, {"type": "progress", "images_done": job.images_done, "images_total": spec.total_images})
 
-    ended = await follow(request, listener, on_shard, progress, settings.heartbeat_interval)
+    ended = await follow(reply.client_gone, listener, on_shard, progress, interval)
     await write_line(writer, JobResult.from_live(job, ended).summary_line())
     await writer.finish()
-    return writer.response
+    return writer

@@ -22,21 +22,20 @@ from schemas.common import (
 )
 from schemas.generate import EXAMPLE_REQUEST, MAX_IMAGES_PER_PROMPT, GenerateRequestSchema
 from schemas.health import HealthSchema
-from service import __version__
-from service.edge.access_log import REQUEST_ID
-from contract.states import JobState
-from service.jobs.idempotency import REPLAYED_HEADER
-from service.edge.auth import continue_if_allowed
 from contract.formats import CONTENT_TYPES, IMAGE_FORMATS
-from service.edge.errors import json_error
-from service.jobs.image_store import content_type
-from service.http.job_listening import base_url, follow
-from service.http.job_result import JobResult
-from service.jobs.manager import JobEvent, LiveJob, ShardStored
+from contract.states import JobState
+from service import __version__
 from service.app_keys import JOBS, LIFECYCLE, POOL, SETTINGS, STORE
-from service.http.ndjson import NDJSON_CONTENT_TYPE, stream_progress, wants_ndjson
-from service.http.streaming import HeartbeatResponse
-from service.jobs.submission import submit
+from service.edge.auth import continue_if_allowed
+from service.edge.errors import json_error
+from service.http.asked import NDJSON_CONTENT_TYPE, AnswerMode, answer_mode, caller_of, links_of, submit
+from service.http.job_listening import follow
+from service.http.job_result import JobResult
+from service.http.ndjson import stream_progress
+from service.http.streaming import HeartbeatResponse, Reply
+from service.jobs.idempotency import REPLAYED_HEADER
+from service.jobs.image_store import content_type
+from service.jobs.manager import JobEvent, JobManager, LiveJob, ShardStored
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +173,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
         else:
             log.info("job %s: %d image(s) %s %s, seed %d, %s", job_id, spec.total_images, spec.size, spec.image_format, spec.seed, spec.return_format)
             log.debug("job %s prompts: %r", job_id, spec.prompts)
-        headers = {"X-Request-Id": request[REQUEST_ID], "X-Job-Id": job_id}
+        headers = {"X-Request-Id": caller_of(request).request_id, "X-Job-Id": job_id}
         if submitted.replayed:
             headers[REPLAYED_HEADER] = "true"
+        reply, links, interval = Reply(request), links_of(request), request.app[SETTINGS].heartbeat_interval
         try:
-            if wants_ndjson(request):
-                return await stream_progress(request, job, listener, headers)
-            return await _answer_with_heartbeats(request, job, listener, headers)
+            if answer_mode(request) == AnswerMode.NDJSON:
+                writer = await stream_progress(reply, request.app[JOBS], job, listener, headers, links, interval)
+                return writer.response
+            return await _answer_with_heartbeats(reply, request.app[JOBS], job, listener, headers, links, interval)
         except ConnectionError:  # reset, or lost while writing
             log.info("job %s: the client went away; the job goes on (GET /jobs/%s)", job_id, job_id)
             return web.Response(status=499)
@@ -189,25 +190,25 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer_with_heartbeats(
-    request: web.Request, job: LiveJob, listener: asyncio.Queue[JobEvent], headers: dict[str, str]
+    reply: Reply, jobs: JobManager, job: LiveJob, listener: asyncio.Queue[JobEvent], headers: dict[str, str], links: str, interval: float
 ) -> web.StreamResponse:
     """DESIGN section 2: the status line held back one interval, then a space every interval."""
-    heartbeat = HeartbeatResponse(request, headers=headers)
+    heartbeat = HeartbeatResponse(reply, headers=headers)
 
     async def nothing(shard: ShardStored) -> None:
         """The images are read back from their files as the body is written (the database names
         them), so a slow client holds no image in this process's memory."""
 
     try:
-        ended = await follow(request, listener, nothing, heartbeat.beat, request.app[SETTINGS].heartbeat_interval)
-        stored = await request.app[JOBS].stored_images(job.job_id) if ended.state == JobState.DONE else []
-        result = JobResult.from_live(job, ended, stored, request.app[STORE])
+        ended = await follow(reply.client_gone, listener, nothing, heartbeat.beat, interval)
+        stored = await jobs.stored_images(job.job_id) if ended.state == JobState.DONE else []
+        result = JobResult.from_live(job, ended, stored, jobs.store)
         if not result.done:
             log.warning("job %s %s: %s", job.job_id, "interrupted" if ended.interrupted else ended.state, result.failure_detail())
             if not heartbeat.started:
                 return result.early_failure(headers)
         writer = await heartbeat.stream()
-        await result.write_body(writer, base_url(request))
+        await result.write_body(writer, links)
     except ConnectionError:  # reset, or lost while writing
         if heartbeat.writer is not None:
             log.info("job %s: the client went away; the job goes on (GET /jobs/%s)", job.job_id, job.job_id)

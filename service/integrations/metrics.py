@@ -15,7 +15,6 @@ No ``_created`` series: they double the series stored and Prometheus does not re
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -75,6 +74,10 @@ class Metrics:
         # Connections over --max-connections (answered 503 and closed before any handler ran):
         # counted by the listening site, which ``python -m service`` links here.
         self.refused_connections: Callable[[], int] = lambda: 0
+
+    def count_accepted(self, owner: str, images: int) -> None:
+        """``Admission.on_accepted``: images accepted, per API key name."""
+        self.accepted.labels(owner).inc(images)
 
     def follow(self, app: web.Application) -> None:
         """Read the app's levels at each scrape (queue, jobs, workers)."""
@@ -187,14 +190,12 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
-def observe(app: web.Application, request: web.Request, status: int, started: float) -> None:
-    """The access log's hook: one request's route, status and duration."""
+def observe(app: web.Application, route: str | None, method: str, status: int, seconds: float) -> None:
+    """The access log's hook: one request's route template (None: it matched none), status and duration."""
     collected = app.get(METRICS)
     if collected is None:
         return
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    collected.request(route, request.method, status, time.perf_counter() - started)
+    collected.request(route or "unmatched", method, status, seconds)
 
 
 METRICS_ROUTES = [web.get("/metrics", metrics, allow_head=False)]

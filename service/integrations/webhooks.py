@@ -4,7 +4,7 @@ specification describes them. Where the server may connect, and how it resolves 
 (its own resolver, never the job database's or the image store's threads), is
 ``service/integrations/webhook_addresses.py``.
 
-- **Submit** (``webhook_of``): a URL is taken only by a server that can sign (``--webhook-secret``),
+- **Submit** (``check_target``, the submitter's ``check_webhook``): a URL is taken only by a server that can sign (``--webhook-secret``),
   only while the key's outbox has room for the messages the job will add
   (``--max-pending-webhooks-per-key``, else a 429 that says so), and only if every address its
   host resolves to now is public (else a 400); all before any work. A key with
@@ -36,7 +36,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
 from datetime import UTC, datetime
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -45,11 +44,9 @@ from yarl import URL
 
 from contract.webhooks import IMAGE_COMPLETED
 from service import __version__
-from service.edge.auth import owner_of
-from service.edge.errors import json_error
-from service.jobs.job_db import JobDatabase
-from service.http.job_listening import base_url
 from service.app_keys import JOBS, SETTINGS
+from service.jobs.job_db import JobDatabase
+from service.jobs.refusal import Refusal
 from service.settings import Settings
 from service.integrations.webhook_addresses import CheckingResolver, HostResolver, LookupsBusy, TargetRefused, literal
 from service.jobs.webhook_outbox import (
@@ -89,26 +86,21 @@ def per_key_slots() -> int:
 # ----- submit ----------------------------------------------------------------------------------
 
 
-async def webhook_of(request: web.Request, data: dict[str, Any]) -> WebhookTarget | None | web.Response:
-    """The webhook of a valid body (None: it has none), or the 400/429/503 that refuses it. Awaits
-    DNS: call it before admission reserves the request's images."""
-    url = data.get("webhook_url")
-    if url is None:
-        return None
-    settings = request.app[SETTINGS]
+async def check_target(deliverer: WebhookDeliverer, owner: str, target: WebhookTarget, images: int) -> Refusal | None:
+    """Whether a job of ``images`` images may send its events to ``target`` (None: it may), or the
+    400/429/503 that refuses it. Awaits DNS: the submitter calls it before admission reserves the
+    job's images."""
+    settings = deliverer.settings
     if not settings.webhook_secret:
-        return json_error(
+        return Refusal(
             400,
             "This server sends no webhooks: it has no signing secret, and unsigned webhooks are not sent. "
             "Its operator can set one with --webhook-secret whsec_... (SDXL_WEBHOOK_SECRET).",
         )
-    deliverer = request.app[WEBHOOKS]
-    owner = owner_of(request)
-    events = tuple(data["webhook_events"])
-    full = await _outbox_full(deliverer.db, owner, messages_of(events, len(data["prompts"]) * data["num_images_per_prompt"]), settings)
+    full = await _outbox_full(deliverer.db, owner, messages_of(target.events, images), settings)
     if full is not None:
         return full
-    parsed = URL(url)
+    parsed = URL(target.url)
     host, port = parsed.host or "", parsed.port or 443
     resolver = deliverer.resolver
     assert resolver is not None, "the deliverer starts with the app"
@@ -116,13 +108,13 @@ async def webhook_of(request: web.Request, data: dict[str, Any]) -> WebhookTarge
         async with resolver.slot(owner) if literal(host) is None else nullcontext():
             await resolver.checked_addresses(host, port, settings.webhook_allow_private)
     except LookupsBusy as exc:
-        return json_error(exc.status, f"webhook_url not checked: {exc.detail}.", headers={"Retry-After": LOOKUP_BUSY_RETRY_AFTER})
+        return Refusal(exc.status, f"webhook_url not checked: {exc.detail}.", headers={"Retry-After": LOOKUP_BUSY_RETRY_AFTER})
     except TargetRefused as exc:
-        return json_error(400, f"webhook_url refused: {exc}")
-    return WebhookTarget(url, events, base_url(request))
+        return Refusal(400, f"webhook_url refused: {exc}")
+    return None
 
 
-async def _outbox_full(db: JobDatabase, owner: str, adding: int, settings: Settings) -> web.Response | None:
+async def _outbox_full(db: JobDatabase, owner: str, adding: int, settings: Settings) -> Refusal | None:
     """The 429 of a key whose outbox has no room for this job's messages (None: it has). Read
     before admission: requests of one key in flight together may pass it together, by no more
     than their own messages."""
@@ -132,7 +124,7 @@ async def _outbox_full(db: JobDatabase, owner: str, adding: int, settings: Setti
     pending = await db.run(db.transaction, functools.partial(pending_of_owner, owner=owner))
     if pending + adding <= bound:
         return None
-    return json_error(
+    return Refusal(
         429,
         f"webhook_url refused: this API key has {pending} webhook message(s) waiting or still to come, and this request would "
         f"add {adding}: the limit is {bound} a key (--max-pending-webhooks-per-key). Messages leave the outbox when delivered "
@@ -148,6 +140,7 @@ class WebhookDeliverer:
 
     def __init__(self, db: JobDatabase, settings: Settings) -> None:
         self.db = db
+        self.settings = settings
         self.timeout = settings.webhook_timeout
         self.max_attempts = settings.webhook_max_attempts
         self.allow_private = settings.webhook_allow_private
@@ -165,6 +158,10 @@ class WebhookDeliverer:
     @property
     def enabled(self) -> bool:
         return self._signer is not None
+
+    async def check(self, owner: str, target: WebhookTarget, images: int) -> Refusal | None:
+        """The submitter's ``check_webhook``: ``check_target`` against this deliverer's outbox and resolver."""
+        return await check_target(self, owner, target, images)
 
     def _written(self) -> None:
         """``JobDatabase.outbox_written``: called from the thread that committed new rows."""

@@ -2,7 +2,7 @@
 request again with the same key and gets the same job, never a second run of it.
 
 The key is kept with the job in the database (so it survives a restart) for as long as the job:
-the retention time after it ended. It belongs to the submitter (``service.edge.auth.owner_of``): two
+the retention time after it ended. It belongs to the submitter (``Submission.owner``): two
 API keys can use the same idempotency key without meeting. The body is compared by a hash of what
 it means (the validated fields with their defaults, in a canonical order), so whitespace or key
 order of a resent body does not matter, and a different request under a reused key is a 422 rather
@@ -16,10 +16,8 @@ import json
 import re
 from typing import Any
 
-from aiohttp import web
-
-from service.edge.errors import json_error
 from service.jobs.job_db import Idempotency, JobRecord
+from service.jobs.refusal import Refusal
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -31,13 +29,13 @@ def request_hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
-def idempotency_of(request: web.Request, data: dict[str, Any]) -> Idempotency | None | web.Response:
-    """The request's key and body hash; None without the header; a 400 for a malformed key."""
-    key = request.headers.get(HEADER)
+def idempotency_of(key: str | None, data: dict[str, Any]) -> Idempotency | None | Refusal:
+    """The key (the header's value) and the body's hash; None without the header; a 400 for a
+    malformed key."""
     if key is None:
         return None
     if not _KEY.fullmatch(key):
-        return json_error(
+        return Refusal(
             400,
             f"{HEADER} must be 1 to {MAX_KEY_CHARS} visible ASCII characters (no spaces), such as a UUID; "
             f"got {len(key)} character(s).",
@@ -45,10 +43,10 @@ def idempotency_of(request: web.Request, data: dict[str, Any]) -> Idempotency | 
     return Idempotency(key, request_hash(data))
 
 
-def conflict(record: JobRecord, key: str) -> web.Response:
-    return json_error(
+def conflict(record: JobRecord, key: str) -> Refusal:
+    return Refusal(
         422,
         f"{HEADER} {key!r} was used for another request (job {record.job_id}); a retry must send the same body. "
         "Use a new key for a new request.",
-        job_id=record.job_id,
+        fields={"job_id": record.job_id},
     )

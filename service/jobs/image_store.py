@@ -184,6 +184,12 @@ def file_name(name: str) -> str | None:
     return f"{match['id']}.{match['ext'] or 'png'}"
 
 
+def image_url(base: str, name: str) -> str:
+    """The link of a stored image (``<id>.<ext>``; a bare id from before formats is a PNG): in
+    answers, job pages, re-rolls and webhooks alike."""
+    return f"{base}/images/{file_name(name)}"
+
+
 def content_type(name: str) -> str:
     """The Content-Type of a stored image, by its extension."""
     return CONTENT_TYPES[name.rsplit(".", 1)[-1]]

@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS job_images (
 # defaults that say "not known" for the rows it already holds).
 _ADDED_COLUMNS = {
     "jobs": {
-        # Who submitted the job (``service.edge.auth.owner_of``: never the key itself); '' with no keys.
+        # Who submitted the job (``Submission.owner``: the key's name, never the key itself); '' with no keys.
         "owner": "TEXT NOT NULL DEFAULT ''",
         # Idempotency-Key of the request and a hash of its validated body.
         "idempotency_key": "TEXT",

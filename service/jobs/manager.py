@@ -27,8 +27,8 @@ from gpu_workers.backend import RequestEvents, ShardBackend
 from gpu_workers.ledger import Drained
 from gpu_workers.messages import ShardDone, ShardTask
 from gpu_workers.sharding import split_into_shards
-from service.edge.errors import status_for
 from service.jobs.image_store import ImageStore
+from service.jobs.refusal import status_for
 from service.jobs.job_db import (
     CANCELLED,
     DONE,
@@ -216,7 +216,7 @@ class JobManager:
         return job, listener
 
     async def record(self, job_id: str, owner: str | None = None) -> JobRecord | None:
-        """The job; with ``owner`` (``service.edge.auth.job_owner``), None for another key's job."""
+        """The job; with ``owner`` (``Caller.sees`` of ``service.http.asked``), None for another key's job."""
         return await self.db.run(self.db.get, job_id, owner)
 
     async def attach(self, job_id: str) -> tuple[LiveJob, asyncio.Queue[JobEvent]] | None:

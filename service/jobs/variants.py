@@ -14,7 +14,7 @@ from typing import Any
 
 from schemas.generate import GenerateRequestSchema
 from service.jobs.job_db import JobDatabase, JobRecord, StoredImage
-from service.http.job_result import image_url
+from service.jobs.image_store import image_url
 
 
 @dataclass(frozen=True)

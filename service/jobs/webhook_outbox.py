@@ -29,7 +29,7 @@ from yarl import URL
 from contract.batch import BatchSpec
 from contract.states import JobState
 from contract.webhooks import IMAGE_COMPLETED, JOB_COMPLETED, JOB_FAILED
-from service.jobs.image_store import file_name
+from service.jobs.image_store import image_url
 
 OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_outbox (
@@ -144,11 +144,6 @@ def messages_of(events: tuple[str, ...], images: int) -> int:
     return (images if IMAGE_COMPLETED in events else 0) + (1 if {JOB_COMPLETED, JOB_FAILED} & set(events) else 0)
 
 
-def image_link(links_base: str, name: str) -> str:
-    """An image's link, as ``service.http.job_result.image_url`` makes it."""
-    return f"{links_base}/images/{file_name(name)}"
-
-
 def enqueue_job_end(db: sqlite3.Connection, job_id: str, now: float) -> int:
     """After the job's row took its last state, in the same transaction: ``job.completed`` for a
     done job, ``job.failed`` for a failed or cancelled one, if the job asked for it. Rows added."""
@@ -162,7 +157,7 @@ def enqueue_job_end(db: sqlite3.Connection, job_id: str, now: float) -> int:
         return 0
     seeds = spec.seeds
     images = [
-        {"index": index, "seed": seeds[index], "url": image_link(links_base, name)}
+        {"index": index, "seed": seeds[index], "url": image_url(links_base, name)}
         for index, name in db.execute("SELECT idx, image_id FROM job_images WHERE job_id = ? ORDER BY idx", (job_id,))
     ]
     data = {
@@ -194,7 +189,7 @@ def enqueue_images(db: sqlite3.Connection, job_id: str, first_index: int, count:
             "job_id": job_id,
             "index": index,
             "seed": spec.seeds[index],
-            "url": image_link(links_base, name),
+            "url": image_url(links_base, name),
             "images_done": images_done,
             "images_total": spec.total_images,
         }

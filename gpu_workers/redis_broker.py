@@ -102,7 +102,8 @@ class RedisTransport:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._redis is not None and self._connected:
             try:
-                await asyncio.wait_for(self._redis.delete(self.results_key), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel
+                    await self._redis.delete(self.results_key)
             except (RedisError, OSError, TimeoutError):
                 pass
         for client in (self._redis, self._reader):

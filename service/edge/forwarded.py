@@ -5,7 +5,7 @@ lack the port the client used (Debian's ``proxy_params`` sends ``Host $host``). 
 rest in ``X-Forwarded-Proto/Host/Port/For`` or in RFC 7239 ``Forwarded``. Anyone can send those
 headers, so they count only from the peers named by ``--forwarded-allow-ips`` (the uvicorn and
 gunicorn convention: addresses or networks, comma-separated, ``*`` for every peer); from any other
-peer the socket and ``Host`` are the truth. Image links (``service.http.job_listening.base_url``) and the
+peer the socket and ``Host`` are the truth. Image links (``service.http.asked.links_of``) and the
 client address of the access log both come from here.
 """
 

@@ -19,6 +19,10 @@ class ScriptedBackend:
     def __init__(self) -> None:
         self.ledger = RequestLedger()
 
+    @property
+    def pending_images(self) -> int:
+        return sum(len(handle.shards) for handle in self.ledger.requests.values())
+
     def submit(self, request_id, shards, owner=""):
         return self.ledger.add(request_id, shards, owner)
 
@@ -45,3 +49,38 @@ async def test_results_that_arrive_together_are_all_stored_before_the_job_ends(t
     assert events[3].state == DONE
     record = await jobs.record("job1")
     assert record.state == DONE and record.images_done == 3
+
+
+async def test_a_job_written_as_the_stop_begins_is_told_it_is_interrupted_and_resumes(tmp_path: Path) -> None:
+    """A request admitted just before a stop writes its row while ``stop`` tells the running jobs:
+    its handler must hear that it is interrupted (503, the job resumes), not wait until the
+    shutdown cuts it off without an answer; and the job must not reach the engine that stops."""
+    backend = ScriptedBackend()
+    db = JobDatabase(tmp_path / "jobs.sqlite3")
+    jobs = JobManager(db, ImageStore(tmp_path / "images", 3600), backend)
+    spec = BatchSpec(("a", "b"), 1, 7, None, 0.0, "base64", shard_size=1)
+    jobs.reserve(spec.total_images)
+    written = asyncio.Event()
+    create_row = db.create
+
+    def slow_create(*args):  # the row is written while the stop runs
+        record = create_row(*args)
+        asyncio.run_coroutine_threadsafe(_set(written), loop).result()
+        return record
+
+    async def _set(event: asyncio.Event) -> None:
+        event.set()
+        await stopped.wait()
+
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    db.create = slow_create
+    creating = asyncio.create_task(jobs.create("late", spec))
+    await written.wait()
+    await jobs.stop()
+    stopped.set()
+    job, listener = await asyncio.wait_for(creating, 10)
+    ended = await asyncio.wait_for(listener.get(), 10)
+    assert isinstance(ended, JobEnded) and ended.interrupted and ended.status == 503
+    assert "late" not in backend.ledger.requests and jobs.pending_images == 0
+    assert [record.job_id for record in await db.run(db.unfinished)] == ["late"]

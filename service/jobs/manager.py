@@ -118,6 +118,8 @@ class JobManager:
         self._idle.set()
         self._reserved = 0
         self._reserved_by_owner: dict[str, int] = {}
+        # Set by ``stop``: a job whose row is written after it is not run, but told it is interrupted.
+        self._stopping = False
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -145,15 +147,9 @@ class JobManager:
     async def stop(self) -> None:
         """Tell the listeners and stop following; the database keeps the jobs unfinished, so
         they resume on the next start."""
+        self._stopping = True
         for job in list(self._live.values()):
-            job.publish(
-                JobEnded(
-                    job.state,
-                    f"The server is shutting down; job {job.job_id} resumes when it is back (GET /jobs/{job.job_id}).",
-                    interrupted=True,
-                    status=503,
-                )
-            )
+            job.publish(_interrupted(job))
             if job.task is not None:
                 job.task.cancel()
         tasks = [job.task for job in self._live.values() if job.task is not None]
@@ -210,7 +206,10 @@ class JobManager:
             record = await self.db.run(self.db.create, job_id, spec, owner, idempotency, webhook, variant_of)
             job = LiveJob(job_id, spec, 0, record.created_at, owner=owner)
             listener = job.listen()
-            self._run(job, split_into_shards(job_id, spec))
+            if self._stopping:  # its row was written as the stop began: it resumes on the next start
+                listener.put_nowait(_interrupted(job))
+            else:
+                self._run(job, split_into_shards(job_id, spec))
         finally:
             self._release(spec.total_images, owner)
         return job, listener
@@ -345,3 +344,13 @@ class JobManager:
         except BaseException:
             self.store.remove_all(names)
             raise
+
+
+def _interrupted(job: LiveJob) -> JobEnded:
+    """What a job's listeners hear when the server stops before the job ends."""
+    return JobEnded(
+        job.state,
+        f"The server is shutting down; job {job.job_id} resumes when it is back (GET /jobs/{job.job_id}).",
+        interrupted=True,
+        status=503,
+    )

@@ -30,7 +30,6 @@ from redis.retry import Retry
 
 from gpu_workers import wire
 from gpu_workers.messages import ShardDone, ShardFailed, ShardStarted, ShardTask
-from gpu_workers.shard_rules import MAX_SHARD_LOSSES
 from gpu_workers.redis_protocol import (
     GROUP,
     MESSAGE_FIELD,
@@ -42,7 +41,9 @@ from gpu_workers.redis_protocol import (
     WorkerHeartbeat,
     config_json,
 )
+from gpu_workers.shard_rules import MAX_SHARD_LOSSES
 from tests.redis_server import RedisServer, find_redis_server
+from tests.timing import scaled
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
@@ -70,9 +71,16 @@ class Worker:
 
     process: subprocess.Popen[bytes]
     log_path: Path
+    start_s: float = 0.0  # from the command to a ready heartbeat, measured when it started
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def patience(self, quiet_s: float, start_ups: float = 1) -> float:
+        """A give-up for a wait on this worker: ``quiet_s``, or ``start_ups`` of its measured start-up
+        where the machine is busy enough for that to be longer. What is waited for (a shard of a few
+        images, an acknowledgement, a heartbeat every 2 s) is less than a start-up, loaded or not."""
+        return scaled(quiet_s, self.start_s, start_ups)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +133,10 @@ def worker(api: redis.Redis, redis_server: RedisServer, model_cache: Path, tmp_p
             cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT,
         )
     started = Worker(process, log_path)
+    launched = time.monotonic()
     try:
         _wait_until(lambda: any(b.state == "ready" for b in _heartbeats(api)), 120, "a ready heartbeat", started)
+        started.start_s = time.monotonic() - launched
         yield started
     finally:
         _stop(process)
@@ -199,7 +209,7 @@ def test_shard_result_matches_in_process_generation(api: redis.Redis, worker: Wo
     finally:
         torch.set_num_threads(threads)
 
-    started, done = _results(api, reply_to, 2)
+    started, done = _results(api, reply_to, 2, worker.patience(30, 3))
     assert isinstance(started, ShardStarted) and (started.request_id, started.shard_id) == (task.request_id, 0)
     assert isinstance(done, ShardDone), done
     assert (done.request_id, done.shard_id) == (task.request_id, 0)
@@ -210,9 +220,9 @@ def test_shard_result_matches_in_process_generation(api: redis.Redis, worker: Wo
             assert (image.format, image.size) == ("PNG", (1024, 576))
     assert list(done.images) == expected
 
-    _wait_until(lambda: _gone(api, entry_id), 5, "the shard to be acknowledged and deleted")
+    _wait_until(lambda: _gone(api, entry_id), worker.patience(5), "the shard to be acknowledged and deleted")
     assert api.xpending(KEYS.shards, GROUP)["pending"] == 0
-    [beat] = _wait_until(lambda: [b for b in _heartbeats(api) if b.images_done >= 2] or None, 5, "images_done in the heartbeat")
+    [beat] = _wait_until(lambda: [b for b in _heartbeats(api) if b.images_done >= 2] or None, worker.patience(5), "images_done in the heartbeat")
     assert (beat.state, beat.model, beat.device, beat.error) == ("ready", MODEL, "cpu", None)
     assert 0 < api.ttl(KEYS.worker(beat.name)) <= 10
 
@@ -292,11 +302,11 @@ def test_shard_of_a_dead_worker_is_taken_over(api: redis.Redis, worker: Worker) 
     assert _delivered(api, entry_id) == (b"ghost", 1)
     took_at = time.monotonic()
 
-    started, done = _results(api, reply_to, 2)
+    started, done = _results(api, reply_to, 2, worker.patience(30, 3))
     assert time.monotonic() - took_at >= VISIBILITY_TIMEOUT - 0.1, "taken before the visibility timeout"
     assert isinstance(started, ShardStarted)
     assert isinstance(done, ShardDone) and len(done.images) == 1 and done.request_id == task.request_id
-    _wait_until(lambda: _gone(api, entry_id), 5, "the taken-over shard to be acknowledged")
+    _wait_until(lambda: _gone(api, entry_id), worker.patience(5), "the taken-over shard to be acknowledged")
     assert "took over shard" in worker.log()
 
 
@@ -311,14 +321,14 @@ def test_shard_that_killed_its_holders_fails(api: redis.Redis, worker: Worker) -
     api.xclaim(KEYS.shards, GROUP, "ghost-2", min_idle_time=0, message_ids=[entry_id])
     assert _delivered(api, entry_id) == (b"ghost-2", MAX_SHARD_LOSSES)
 
-    [failed] = _results(api, reply_to, 1)
+    [failed] = _results(api, reply_to, 1, worker.patience(30, 3))
     assert isinstance(failed, ShardFailed), failed
     assert (failed.request_id, failed.shard_id) == (task.request_id, 3)
     assert failed.error == (
         f"Image generation failed: images 8-9 crashed {MAX_SHARD_LOSSES} workers (the workers holding them died, "
         "stalled or ran past the shard timeout); the rest of the server is unaffected."
     )
-    _wait_until(lambda: _gone(api, entry_id), 5, "the failed shard to be acknowledged")
+    _wait_until(lambda: _gone(api, entry_id), worker.patience(5), "the failed shard to be acknowledged")
     assert api.xlen(reply_to) == 1, "a ShardStarted was sent for a shard that never ran"
 
 
@@ -327,17 +337,17 @@ def test_shard_that_killed_its_holders_fails(api: redis.Redis, worker: Worker) -
 
 def test_unreadable_entry_is_dropped_and_wrong_model_fails(api: redis.Redis, worker: Worker) -> None:
     garbage = api.xadd(KEYS.shards, {TASK_FIELD: b"\xc1 not msgpack", REPLY_TO_FIELD: b"test-garbage", MODEL_FIELD: MODEL.encode()})
-    _wait_until(lambda: _gone(api, garbage), 10, "the unreadable entry to be dropped", worker)
+    _wait_until(lambda: _gone(api, garbage), worker.patience(10, 2), "the unreadable entry to be dropped", worker)
     assert "is not a valid shard" in worker.log()
     assert api.exists(b"test-garbage") == 0
 
     task = _task(("a castle",), (41,))
     reply_to = KEYS.results("test-model")
     entry_id = api.xadd(KEYS.shards, _fields(task, reply_to, model="sdxl-lightning-8step"))
-    [failed] = _results(api, reply_to, 1)
+    [failed] = _results(api, reply_to, 1, worker.patience(30, 3))
     assert isinstance(failed, ShardFailed) and failed.request_id == task.request_id
     assert "for model sdxl-lightning-8step but worker" in failed.error and "serves model tiny" in failed.error
-    _wait_until(lambda: _gone(api, entry_id), 5, "the wrong-model shard to be acknowledged")
+    _wait_until(lambda: _gone(api, entry_id), worker.patience(5), "the wrong-model shard to be acknowledged")
 
 
 # ----- Redis going away is survived -----------------------------------------------------------------
@@ -355,9 +365,9 @@ def test_worker_survives_a_redis_restart(api: redis.Redis, redis_server: RedisSe
     reply_to = KEYS.results("test-restart")
     api.xadd(KEYS.shards, _fields(task, reply_to))  # no group yet: the worker makes it (id 0)
 
-    started, done = _results(api, reply_to, 2, timeout=40)
+    started, done = _results(api, reply_to, 2, worker.patience(40, 4))
     assert isinstance(started, ShardStarted) and isinstance(done, ShardDone)
-    _wait_until(lambda: _heartbeats(api), 5, "the heartbeat to come back", worker)
+    _wait_until(lambda: _heartbeats(api), worker.patience(5), "the heartbeat to come back", worker)
     lines = worker.log().splitlines()
     main_lost = [line for line in lines if " ERROR lost Redis at" in line]
     main_back = [line for line in lines if " INFO Redis is back at" in line]
@@ -376,14 +386,14 @@ def test_sigterm_finishes_the_shard_then_exits_cleanly(api: redis.Redis, worker:
     task = _task(("last light", "last boat", "last gull", "last wave"), (61, 62, 63, 64))
     reply_to = KEYS.results("test-e")
     entry_id = api.xadd(KEYS.shards, _fields(task, reply_to))
-    [started] = _results(api, reply_to, 1)
+    [started] = _results(api, reply_to, 1, worker.patience(30, 3))
     assert isinstance(started, ShardStarted)
     # The heartbeat thread beats on while the shard generates (about a second for four images).
-    _wait_until(lambda: [b for b in _heartbeats(api) if b.state == "busy"], 5, "a busy heartbeat", worker)
+    _wait_until(lambda: [b for b in _heartbeats(api) if b.state == "busy"], worker.patience(5), "a busy heartbeat", worker)
     worker.process.send_signal(signal.SIGTERM)  # while the shard generates
 
-    assert worker.process.wait(30) == 0, worker.log()
-    messages = _results(api, reply_to, 2)
+    assert worker.process.wait(worker.patience(30, 3)) == 0, worker.log()
+    messages = _results(api, reply_to, 2, worker.patience(30, 3))
     assert isinstance(messages[1], ShardDone) and len(messages[1].images) == 4
     assert _gone(api, entry_id)
     assert list(api.scan_iter(match=KEYS.worker_pattern)) == []
@@ -411,6 +421,7 @@ def test_a_hung_shard_is_kept_while_its_worker_lives_then_given_up_after_two_tim
             cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
         )
     worker = Worker(process, log_path)
+    launched = time.monotonic()
     try:
         try:
             api.xgroup_create(keys.shards, GROUP, id="0", mkstream=True)
@@ -420,16 +431,17 @@ def test_a_hung_shard_is_kept_while_its_worker_lives_then_given_up_after_two_tim
         reply_to = keys.results("test-hang")
         entry_id = _deliver_to_ghost(api, {TASK_FIELD: wire.encode(task), REPLY_TO_FIELD: reply_to.encode(), MODEL_FIELD: model.encode()}, keys)
         [started] = _results(api, reply_to, 1, timeout=120)
+        worker.start_s = time.monotonic() - launched  # its start-up, and the take-over after 1 s
         assert isinstance(started, ShardStarted)
         time.sleep(2)  # twice the visibility timeout, still inside the shard timeout
         held = _delivered(api, entry_id, keys)
         assert held is not None and held[1] == 2, f"a living worker's shard was delivered again: {held}"
-        messages = _results(api, reply_to, 2, timeout=90)
+        messages = _results(api, reply_to, 2, worker.patience(90, 3))  # 3 s, a restart, a take-over
         failed = messages[-1]
         assert [type(m) for m in messages] == [ShardStarted, ShardFailed], messages
         assert failed.request_id == task.request_id and failed.reason == "worker_crashes"
         assert failed.error.startswith("Image generation failed: images 4-4 crashed 2 workers")
-        _wait_until(lambda: _gone(api, entry_id, keys), 10, "the failed shard to be acknowledged", worker)
+        _wait_until(lambda: _gone(api, entry_id, keys), worker.patience(10, 2), "the failed shard to be acknowledged", worker)
         text = worker.log()
         assert "ran past the shard timeout" in text and "exited with code 3" in text
     finally:

@@ -29,6 +29,7 @@ from service.__main__ import FINAL_SHUTDOWN_SECONDS
 from service.settings import Settings
 from tests.server_process import REPO, free_port
 from tests.test_faults import in_background
+from tests.timing import patience
 
 CONFIG = REPO / "supervisord.conf"
 VAR = REPO / "var"
@@ -182,7 +183,7 @@ def test_supervisord_brings_a_killed_server_back_and_stops_it_cleanly(supervised
 
     os.kill(first_pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    second_pid, _ = supervised.wait_healthy(timeout=60, not_pid=first_pid)
+    second_pid, _ = supervised.wait_healthy(timeout=patience(supervised.new_log(PROGRAM_LOG)), not_pid=first_pid)  # a start again
     print(f"healthy again {time.monotonic() - killed_at:.1f} s after the SIGKILL")
     after = _generate(supervised.url, ["a lighthouse in a storm"], seed=7)
     assert after["images"] == before["images"], "the restarted server must give the same bytes for the same seed"

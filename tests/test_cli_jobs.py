@@ -32,11 +32,16 @@ METHODS = (b"GET ", b"POST", b"DELE", b"HEAD", b"PUT ")
 class DroppingProxy:
     """Forwards loopback connections to the server, and cuts each connection once, as a tunnel
     does: ``rules`` maps a piece of a request line to ``cut_at(response_so_far)``, the byte offset
-    of its response after which the connection is closed (None: not yet). Each rule fires once."""
+    of its response after which the connection is closed (None: not yet). Each rule fires once.
+    With ``hold``, a connection that reaches its cut stalls there (a tunnel gone quiet) until the
+    event is set, and is closed then."""
 
-    def __init__(self, target_port: int, rules: dict[bytes, Callable[[bytes], int | None]]) -> None:
+    def __init__(
+        self, target_port: int, rules: dict[bytes, Callable[[bytes], int | None]], hold: threading.Event | None = None
+    ) -> None:
         self.target_port = target_port
         self.rules = dict(rules)
+        self.hold = hold
         self.request_lines: list[str] = []
         self.cuts: list[str] = []
         self._lock = threading.Lock()
@@ -84,6 +89,8 @@ class DroppingProxy:
                     if at is not None:
                         client.sendall(data[: max(0, at - before)])
                         self.cuts.append(connection["line"])
+                        if self.hold is not None:
+                            self.hold.wait()
                         return
                 client.sendall(data)
         except OSError:
@@ -191,21 +198,39 @@ def test_ctrl_c_leaves_the_job_running_and_its_command_fetches_it_and_the_rest(s
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a ship in a storm, take {i}\n" for i in range(8)))
     out = tmp_path / "out"
-    arguments = [str(prompts), "-o", str(out), "--url", server.url, "--max-images-per-request", "4", "-q"]
+    # The first archive stalls after its first image, so Ctrl-C lands while the first job is being
+    # fetched however fast its shards run (on a busy machine the client once fetched all four and
+    # sent the second batch between the first file appearing and the signal).
+    release = threading.Event()
+    proxy = DroppingProxy(server.port, {b"/archive": _in_the_second_image}, hold=release)
+    arguments = [str(prompts), "-o", str(out), "--url", proxy.url, "--max-images-per-request", "4", "-q"]
     run = subprocess.Popen([str(SDXL_CLIENT), *arguments], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not any(out.glob("*.png")) and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.05)
-    run.send_signal(signal.SIGINT)  # the first job has saved an image and is still running
-    err = run.communicate(timeout=30)[1]
-    assert run.returncode == 130, err
+    try:
+        deadline = time.monotonic() + 60
+        while not proxy.cuts and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        assert proxy.cuts and re.fullmatch(r"GET /jobs/\w+/archive\?since=0 HTTP/1.1", proxy.cuts[0]), proxy.request_lines
+        while not any(out.glob("*.png")) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)  # the first job has saved an image and its archive is still coming
+        err = run.communicate(timeout=30)[1]
+    finally:
+        release.set()
+    try:
+        _ctrl_c_then_resume(server, proxy.url, prompts, out, run.returncode, err, tmp_path)
+    finally:
+        proxy.close()
+
+
+def _ctrl_c_then_resume(server: ServerProcess, url: str, prompts: Path, out: Path, returncode: int, err: str, tmp_path: Path) -> None:
+    assert returncode == 130, err
     assert "Traceback" not in err
     lines = err.splitlines()
     job_id = re.search(r"Job (\w+) goes on on the server", lines[0])[1]
     assert "To fetch its images and go on with the 4 image(s) of the file after it, run:" in lines[0]
     command = shlex.split(lines[1])
     assert command[:3] == ["sdxl-client", str(prompts), "--job"] and command[3] == job_id and "--seed" in command
-    assert lines[2] == f"sdxl-client: to stop the job instead: curl -X DELETE {server.url}/jobs/{job_id}"
+    assert lines[2] == f"sdxl-client: to stop the job instead: curl -X DELETE {url}/jobs/{job_id}"
     assert requests.get(f"{server.url}/jobs/{job_id}", timeout=10).json()["state"] in ("queued", "running", "done")
 
     saved_before = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}

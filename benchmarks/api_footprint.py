@@ -12,16 +12,18 @@ request, and whether libtorch is mapped into the API process. Goal: the API alon
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
 import requests
 
-from benchmarks.soak import REPO, OwnServer
+from benchmarks.harness.launch import REPO, bench_server
+from benchmarks.harness.report import Column, JsonOut, Ratio, report
+from benchmarks.harness.sampling import rss
 
 GOAL_MIB = 100.0
 SETTLE_SECONDS = 2.0
@@ -37,11 +39,11 @@ class Footprint:
 
 
 def rss_mib(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
+    return rss(pid) / 2**20
 
 
 def measure(label: str, repo: Path, model_cache: str) -> Footprint:
-    server = OwnServer(workers=1, max_batch=2, model_cache=model_cache, repo=repo)
+    server = bench_server(1, 2, model_cache, repo=repo, prefix="sdxl-footprint-")
     server.start()
     try:
         assert server.pid is not None
@@ -56,11 +58,13 @@ def measure(label: str, repo: Path, model_cache: str) -> Footprint:
         return Footprint(label, idle, after, rss_mib(worker_pid), libtorch)
     finally:
         server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", metavar="REV", help="also measure this commit (a temporary git worktree)")
+    parser.add_argument("--json", help="also write the table as JSON here")
     args = parser.parse_args()
     model_cache = tempfile.mkdtemp(prefix="sdxl-footprint-cache-")
     rows = []
@@ -72,13 +76,16 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
     rows.append(measure("this checkout", REPO, model_cache))
-    print(f"{'server':<22} {'API idle MiB':>12} {'API after 4 images':>19} {'worker MiB':>11} {'libtorch in API':>16}")
-    for row in rows:
-        print(f"{row.label:<22} {row.api_idle_mib:>12.1f} {row.api_after_request_mib:>19.1f} {row.worker_mib:>11.1f} {str(row.libtorch_in_api):>16}")
-    if len(rows) == 2:
-        print(f"API idle RSS, after / before: {rows[1].api_idle_mib / rows[0].api_idle_mib:.2f}x")
+    json_out = JsonOut(args.json, "benchmarks.api_footprint")
+    ratios = [Ratio("API idle RSS, after / before", rows[1].api_idle_mib / rows[0].api_idle_mib)] if len(rows) == 2 else []
+    report([asdict(row) for row in rows], [
+        Column("label", "server", align="<"), Column("api_idle_mib", "API idle MiB", ".1f"), Column("api_after_request_mib", "API after 4 images", ".1f"),
+        Column("worker_mib", "worker MiB", ".1f"), Column("libtorch_in_api", "libtorch in API", str),
+    ], ratios=ratios, json_out=json_out, name="footprint")  # fmt: skip
     verdict = "meets" if rows[-1].api_idle_mib < GOAL_MIB else "MISSES"
     print(f"goal: the API alone under {GOAL_MIB:.0f} MiB at idle: {verdict} ({rows[-1].api_idle_mib:.1f} MiB)")
+    json_out.add("goal", {"mib": GOAL_MIB, "met": rows[-1].api_idle_mib < GOAL_MIB})
+    json_out.announce()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ At GPU speed (~100 ms an image) a worker that encodes its PNGs after each shard,
 next, leaves the device idle for the encoding (40-70 ms a picture): about a third of its time
 (DESIGN.md sections 3 and 6). Whether the worker overlaps host work with the device is a property
 of the host side alone, so this script measures it without a GPU: the real server
-(``python -m service``, started with ``benchmarks.soak.OwnServer``) runs the pipeline of
+(``python -m service``, started with ``benchmarks.harness.launch``) runs the pipeline of
 ``benchmarks.simulated_device``, which sleeps for the device time and logs every device interval
 to a trace file, with the system-wide monotonic clock the client uses too.
 
@@ -48,14 +48,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-import requests
 
-from benchmarks.scale_out import ready_rows, wait_health
-from benchmarks.server_overhead import PROMPTS, batch_body, load_line, machine_description, post_generate
+from benchmarks.harness.launch import ApiServer, bench_server
+from benchmarks.harness.report import Check, Column, JsonOut, load_line, machine_description, report, report_checks
+from benchmarks.server_overhead import PROMPTS, batch_body, post_generate
 from benchmarks.simulated_device import MS_PER_IMAGE_ENV, TRACE_ENV
-from benchmarks.soak import OwnServer
 
 MODEL = "benchmarks.simulated_device:factory"
 MAX_BATCH = 4
@@ -212,7 +210,7 @@ def generate(url: str, images: int, image_format: str | None = None, quality: in
     return reply.sent, reply.ended
 
 
-def measure_once(server: OwnServer, trace: Path, images: int, pids: Sequence[int], image_format: str | None = None, quality: int | None = None) -> Run:
+def measure_once(server: ApiServer, trace: Path, images: int, pids: Sequence[int], image_format: str | None = None, quality: int | None = None) -> Run:
     trace.write_bytes(b"")  # the workers append with O_APPEND: truncating between requests is safe
     sent, ended = generate(server.url, images, image_format, quality)
     intervals = read_trace(trace)
@@ -228,25 +226,22 @@ def measure_once(server: OwnServer, trace: Path, images: int, pids: Sequence[int
     )
 
 
-def make_server(config: Config, model_cache: str) -> tuple[OwnServer, Path]:
+def make_server(config: Config, model_cache: str) -> tuple[ApiServer, Path]:
     """The server on the simulated device (not started yet) and its trace file."""
-    server = OwnServer(config.workers, MAX_BATCH, model_cache)
-    server.args[server.args.index("--model") + 1] = MODEL
-    server.args += ["--heartbeat-interval", str(HEARTBEAT_INTERVAL_S)]
+    server = bench_server(config.workers, MAX_BATCH, model_cache, "--heartbeat-interval", str(HEARTBEAT_INTERVAL_S), model=MODEL,
+                          prefix="sdxl-overlap-")  # fmt: skip
     return server, server.workdir / "device.trace"
 
 
-def start_server(server: OwnServer, config: Config, trace: Path) -> list[int]:
+def start_server(server: ApiServer, config: Config, trace: Path) -> list[int]:
     """Start with the simulated device's variables and wait for every worker; the worker pids."""
     print(f"   $ {MS_PER_IMAGE_ENV}={config.ms_per_image:g} {TRACE_ENV}={trace} python {' '.join(server.args[1:])}", flush=True)
-    with mock.patch.dict(os.environ, {MS_PER_IMAGE_ENV: str(config.ms_per_image), TRACE_ENV: str(trace)}):
-        server.start()
-    with requests.Session() as session:
-        health = wait_health(session, server.url, lambda h: len(ready_rows(h)) == config.workers, f"{config.workers} worker(s) ready")
-    return [int(row["pid"]) for row in ready_rows(health)]
+    server.env.update({MS_PER_IMAGE_ENV: str(config.ms_per_image), TRACE_ENV: str(trace)})
+    server.start()
+    return server.wait_workers(config.workers)
 
 
-def stop_server(server: OwnServer, keep_log: bool) -> None:
+def stop_server(server: ApiServer, keep_log: bool) -> None:
     code = server.stop()
     server.remove_images()
     if code != 0:
@@ -284,21 +279,22 @@ def run_config(config: Config, args: argparse.Namespace) -> Result:
 # Report
 
 
-def table(results: Sequence[Result]) -> str:
-    rows = [
-        "| config | workers | ms/image | images | wall s | images/s | ideal images/s | device busy % (mean) | per worker | of wall % | lead ms | tail ms | load 1 min |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
+def table(results: Sequence[Result], json_out: JsonOut | None = None) -> str:
+    rows = []
     for result in results:
         config, typical = result.config, result.typical
-        per_worker = " / ".join(f"{w.busy:.1%}" for w in typical.workers)
-        rows.append(
-            f"| {config.name} | {config.workers} | {config.ms_per_image:g} | {typical.images} | {result.median('wall_s'):.2f} | "
-            f"{result.median('images_per_s'):.2f} | {config.ideal_images_per_s:.2f} | {result.median('mean_busy'):.1%} | {per_worker} | "
-            f"{result.median('busy_of_wall'):.1%} | {1000 * result.median('lead_s'):.0f} | {1000 * result.median('tail_s'):.0f} | "
-            f"{result.load_average[0]:.2f} |"
-        )
-    return "\n".join(rows)
+        rows.append({
+            "config": config.name, "workers": config.workers, "ms_per_image": config.ms_per_image, "images": typical.images,
+            "wall_s": result.median("wall_s"), "images_per_s": result.median("images_per_s"), "ideal_images_per_s": config.ideal_images_per_s,
+            "device_busy": result.median("mean_busy"), "per_worker": [w.busy for w in typical.workers], "of_wall": result.median("busy_of_wall"),
+            "lead_ms": 1000 * result.median("lead_s"), "tail_ms": 1000 * result.median("tail_s"), "load_1_min": result.load_average[0],
+        })  # fmt: skip
+    return report(rows, [
+        Column("config", align="<"), Column("workers"), Column("ms_per_image", "ms/image", "g"), Column("images"), Column("wall_s", "wall s", ".2f"),
+        Column("images_per_s", "images/s", ".2f"), Column("ideal_images_per_s", "ideal images/s", ".2f"),
+        Column("device_busy", "device busy % (mean)", ".1%"), Column("per_worker", "per worker", lambda v: " / ".join(f"{b:.1%}" for b in v), align="<"),
+        Column("of_wall", "of wall %", ".1%"), Column("lead_ms", "lead ms", ".0f"), Column("tail_ms", "tail ms", ".0f"), Column("load_1_min", "load 1 min", ".2f"),
+    ], markdown=True, json_out=json_out, name="table", echo=False)  # fmt: skip
 
 
 def as_json(results: Sequence[Result], args: argparse.Namespace, seconds: float) -> dict[str, Any]:
@@ -307,8 +303,6 @@ def as_json(results: Sequence[Result], args: argparse.Namespace, seconds: float)
         return {**asdict(run), "workers": workers, "images_per_s": run.images_per_s, "mean_busy": run.mean_busy, "busy_of_wall": run.busy_of_wall}
 
     return {
-        "machine": machine_description(),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.device_overlap", *sys.argv[1:]]),
         "images": args.images,
         "format": args.format or "png (no format field)",
         "quality": args.quality,
@@ -328,15 +322,14 @@ def as_json(results: Sequence[Result], args: argparse.Namespace, seconds: float)
     }
 
 
-def verdict(results: Sequence[Result]) -> bool:
+def verdict(results: Sequence[Result], json_out: JsonOut) -> bool:
     goal = next((r for r in results if r.config.name == GOAL_CONFIG), None)
     if goal is None:
         print(f"\ngoal not checked: configuration {GOAL_CONFIG} was not run")
         return True
     busy = goal.median("mean_busy")
-    ok = busy >= GOAL_BUSY
-    print(f"\n{'PASS' if ok else 'MISS'}  {goal.config.describe()}: device busy {busy:.1%}, goal >= {GOAL_BUSY:.0%}")
-    return ok
+    check = Check(busy >= GOAL_BUSY, f"{goal.config.describe()}: device busy {busy:.1%}, goal >= {GOAL_BUSY:.0%}")
+    return report_checks([check], title="", fail="MISS", json_out=json_out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,15 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfailed: {exc}", file=sys.stderr)
         return 1
     seconds = time.monotonic() - began
-    print(f"\n{table(results)}\n")
+    json_out = JsonOut(args.json, "benchmarks.device_overlap")
+    print(f"\n{table(results, json_out)}\n")
     quality = "" if args.quality is None else f" quality {args.quality}"
     print(f"{args.images} images per request ({PER_PROMPT} per prompt), --max-batch {MAX_BATCH}, url answers, "
           f"format {args.format or 'png (no format field)'}{quality}; "
           f"medians of {args.repeats} run(s); {seconds:.0f} s in all; at the end: {load_line()}")
-    if args.json:
-        args.json.write_text(json.dumps(as_json(results, args, seconds), indent=2) + "\n")
-        print(f"JSON written to {args.json}")
-    return 0 if verdict(results) else 1
+    json_out.add("run", as_json(results, args, seconds))
+    passed = verdict(results, json_out)
+    json_out.announce()
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

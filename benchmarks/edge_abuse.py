@@ -20,6 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from benchmarks.harness.report import Check
+
 RENEW_EVERY_S = 14.0  # under the server's default --keepalive-timeout of 15 s, as the attacker chose
 STRANGER_CONNECT_TIMEOUT_S = 10.0
 STOP_POLL_S = 1.0
@@ -223,15 +225,15 @@ def summary_rows(stats: EdgeStats, count: int, sources: int, heads: int) -> list
     ]  # fmt: skip
 
 
-def checks(stats: EdgeStats) -> list[tuple[bool, str]]:
+def checks(stats: EdgeStats) -> list[Check]:
     answered = [probe for probe in stats.probes if probe[1] in ("200", "503")]
     slowest = max((probe[0] for probe in stats.probes), default=0.0)
     return [
-        (bool(stats.probes) and len(answered) == len(stats.probes) and slowest < PROBE_LIMIT_S,
-         f"newcomers got in: {len(answered)} of {len(stats.probes)} answered by the server, "
-         f"the slowest after {slowest:.2f} s (under {PROBE_LIMIT_S:g} s)"),
-        (stats.heads_431 > 0 and not stats.heads_other,
-         f"unfinished heads answered 431: {stats.heads_431} (other answers: {sum(stats.heads_other.values())})"),
-        (stats.stranger_opened > 0 and not stats.stranger_answered,
-         f"stranger sockets closed silently to make room, never answered 503: {sum(stats.stranger_answered.values())} answered"),
+        Check(bool(stats.probes) and len(answered) == len(stats.probes) and slowest < PROBE_LIMIT_S,
+              f"newcomers got in: {len(answered)} of {len(stats.probes)} answered by the server, "
+              f"the slowest after {slowest:.2f} s (under {PROBE_LIMIT_S:g} s)"),
+        Check(stats.heads_431 > 0 and not stats.heads_other,
+              f"unfinished heads answered 431: {stats.heads_431} (other answers: {sum(stats.heads_other.values())})"),
+        Check(stats.stranger_opened > 0 and not stats.stranger_answered,
+              f"stranger sockets closed silently to make room, never answered 503: {sum(stats.stranger_answered.values())} answered"),
     ]  # fmt: skip

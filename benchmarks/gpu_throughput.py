@@ -53,8 +53,6 @@ import math
 import os
 import gzip
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,7 +65,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.harness.launch import REPO, ApiServer, NotReached, checkout_env, stop_process
+from benchmarks.harness.report import Column, report
+from benchmarks.harness.sampling import TreeSampler
+
 PROMPTS = (
     "a lighthouse on a cliff at sunset, cinematic lighting",
     "a red fox in a snowy forest, photo, sharp focus",
@@ -346,54 +347,53 @@ def image_flops(pipe: Any, width: int, height: int, steps: int) -> float:
 
 
 class MemoryPeak:
-    """Peak memory while a block runs: the CUDA allocator's peak of this process, or the highest
-    RSS (CPU) or device-wide use (CUDA, other processes: ``pids``) seen by a sampling thread."""
+    """Peak memory while a block runs: the CUDA allocator's peak of this process, the device-wide
+    use (CUDA, another process: ``root``, a server) seen by a sampling thread, or on the CPU the
+    highest RSS of this process or of ``root``'s process tree (the harness's ``TreeSampler``)."""
 
-    def __init__(self, device: str, pids: Callable[[], list[int]] | None = None, interval: float = 0.05) -> None:
+    def __init__(self, device: str, root: Callable[[], int | None] | None = None, interval: float = 0.05) -> None:
         self.device = device
-        self.pids = pids
+        self.root = root
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._tree: TreeSampler | None = None
         self._baseline = 0
 
     def __enter__(self) -> MemoryPeak:
+        if not self.device.startswith("cuda"):
+            self._tree = TreeSampler(self.root or os.getpid(), self.interval, tree=self.root is not None).start()
+            return self
         import torch
 
-        if self.device.startswith("cuda") and self.pids is None:
+        if self.root is None:
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        if self.device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info(self.device)
-            self._baseline = total - free
+        free, total = torch.cuda.mem_get_info(self.device)
+        self._baseline = total - free
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
-    def _read(self) -> int:
-        if self.device.startswith("cuda"):
-            import torch
+    def _device_use(self) -> int:
+        import torch
 
-            free, total = torch.cuda.mem_get_info(self.device)
-            return max(0, total - free - self._baseline)
-        import psutil
-
-        total = 0
-        for pid in self.pids() if self.pids else [os.getpid()]:
-            try:
-                total += psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+        free, total = torch.cuda.mem_get_info(self.device)
+        return max(0, total - free - self._baseline)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._read())
+            self.peak = max(self.peak, self._device_use())
             self._stop.wait(self.interval)
 
     def __exit__(self, *exc: Any) -> None:
+        if self._tree is not None:
+            self._tree.sample()
+            self._tree.stop()
+            self.peak = self._tree.summary().peak_tree_rss
+            return
         import torch
 
         if self._thread is None:
@@ -402,7 +402,7 @@ class MemoryPeak:
             return
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._read())
+        self.peak = max(self.peak, self._device_use())
 
 
 def to_array(image: Any) -> Any:
@@ -519,6 +519,19 @@ def _bytes(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**30:.2f} GiB"
 
 
+ROW_COLUMNS = [
+    Column("arm", align="<"), Column("what", align="<"), Column("batch"), Column("images"), Column("images_per_s", "images/s", ".2f"),
+    Column("ms_per_image", "ms/image", ".0f"), Column("tflops", "TFLOP/s", ".3g"), Column("peak_fraction", "of peak", ".1%"),
+    Column("peak_memory_bytes", "peak memory", _bytes), Column("first_image_s", "first image s", ".2f"), Column("warmup_s", "warm-up s", ".1f"),
+    Column("compile_s", "compile s", ".1f"), Column("psnr_db", "PSNR vs (a) dB", lambda v: _fmt(v, ".1f")), Column("at_s", "in OUT at s", ".0f"),
+    Column("notes", align="<"),
+]  # fmt: skip
+STEP_COLUMNS = [
+    Column("name", "step", align="<"), Column("budget_s", "budget s", ".0f"), Column("started_s", "started at s", ".0f"),
+    Column("seconds", "took s", ".1f"), Column("outcome", align="<"),
+]  # fmt: skip
+
+
 def markdown(results: Results) -> str:
     args = results.args
     env = results.environment
@@ -530,15 +543,8 @@ def markdown(results: Results) -> str:
         f"{results.flops_per_image / 1e12:.3g} TFLOP an image; peak {peak}; torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
         f"Python {env.get('python')}. Worker settings: " + ", ".join(f"{name} {getattr(args, name)}" for name in SPEED_FLAGS) + ".",
         "",
-        "| arm | what | batch | images | images/s | ms/image | TFLOP/s | of peak | peak memory | first image s | warm-up s | compile s | PSNR vs (a) dB | in OUT at s | notes |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        report([asdict(row) for row in results.rows], ROW_COLUMNS, markdown=True, echo=False),
     ]
-    for row in results.rows:
-        lines.append(
-            f"| {row.arm} | {row.what} | {row.batch} | {row.images} | {row.images_per_s:.2f} | {row.ms_per_image:.0f} | {row.tflops:.3g} | "
-            f"{row.peak_fraction:.1%} | {_bytes(row.peak_memory_bytes)} | {_fmt(row.first_image_s, '.2f')} | {_fmt(row.warmup_s, '.1f')} | "
-            f"{_fmt(row.compile_s, '.1f')} | {_fmt(row.psnr_db, '.1f')} | {_fmt(row.at_s, '.0f')} | {row.notes} |"
-        )
     if results.plain_sweep:
         lines += ["", "Plain diffusers, batch sweep (b): " + ", ".join(f"batch {r.batch}: {r.images_per_s:.2f} images/s ({_bytes(r.peak_memory_bytes)})" for r in results.plain_sweep) + "."]
     for arm, reason in results.skipped.items():
@@ -548,8 +554,7 @@ def markdown(results: Results) -> str:
     for arm, error in results.failed.items():
         lines.append(f"\nFailed ({arm}) {ARM_NAMES[arm]}: {error}")
     if results.steps:
-        lines += ["", "| step | budget s | started at s | took s | outcome |", "| --- | ---: | ---: | ---: | --- |"]
-        lines += [f"| {st['name']} | {st['budget_s']:.0f} | {st['started_s']:.0f} | {st['seconds']:.1f} | {st['outcome']} |" for st in results.steps]
+        lines += ["", report(results.steps, STEP_COLUMNS, markdown=True, echo=False)]
     for check in results.checks:
         lines.append(f"\n{check}")
     lines.append(f"\n{time.monotonic() - results.started:.0f} s in all.")
@@ -886,27 +891,14 @@ def run_bounded(command: list[str], limit_s: float, heartbeat_s: float, status: 
             now = time.monotonic()
             if now - started >= limit_s:
                 print(f"   {label}: {now - started:.0f} s, its limit: abandoning it ({status()})", flush=True)
-                _kill_group(process)
+                stop_process(process, 5.0, group=True, name=label)
                 return Bounded(None, time.monotonic() - started, abandoned=True)
             if now >= next_beat:
                 print(f"   {label}: {now - started:.0f} s of at most {limit_s:.0f} s: {status()}", flush=True)
                 next_beat += heartbeat_s
     finally:
         if process.poll() is None:  # interrupted (the window's end): the child goes too
-            _kill_group(process)
-
-
-def _kill_group(process: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            stop_process(process, 5.0, group=True, name=label)
 
 
 def device_label(device: str) -> str:
@@ -993,7 +985,7 @@ def arm_bounded(results: Results, arm: str, limit_s: float, estimate: tuple[floa
                 return f"compiling: {phase}; compile artifacts so far {saved / 2**20:.1f} MiB"
             return phase
 
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = checkout_env()
         outcome = run_bounded(command, limit_s, args.heartbeat_s, status, f"({arm})", env)
         results.rows += [Row(**json.loads(line)) for line in (_read(folder / "rows.jsonl") or "").splitlines()]  # (printed by the child)
         child = json.loads(_read(folder / "report.json") or "{}")
@@ -1076,107 +1068,44 @@ def child_main(args: argparse.Namespace) -> int:
 # (d), (s): the whole server over HTTP
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ReadyTimeout(RuntimeError):
     """No worker was ready in the time the step had."""
 
 
-class Server:
-    """``python -m service`` on a loopback port, its log in the output folder."""
+def server_for(args: argparse.Namespace, workdir: Path, settings: dict[str, str], log_name: str = "server.log") -> ApiServer:
+    """``python -m service`` (the harness's launcher) on a loopback port, its log in the output
+    folder, in a session of its own (a stop takes its workers and compile helpers too)."""
+    sizes = ",".join(dict.fromkeys(["1024x576", args.size]))  # the server insists on its default size
+    flags = [
+        "--model", args.model, "--max-batch", str(args.server_max_batch), "--sizes", sizes, "--max-images", str(max(150, args.http_images)),
+        "--model-cache", args.model_cache, "--heartbeat-interval", "5", "--shard-timeout", "900", "--cpu-threads", str(args.cpu_threads),
+    ]  # fmt: skip
+    flags += ["--devices", args.device] if args.device.startswith("cuda") else ["--workers", "1"]
+    for name in SPEED_FLAGS:
+        flags += ["--" + name.replace("_", "-"), settings[name]]
+    server = ApiServer(workdir, flags, log_path=args.out / log_name, new_session=True)
+    server.stop_timeout = 60.0  # the drain of a request in flight
+    return server
 
-    def __init__(self, args: argparse.Namespace, workdir: Path, settings: dict[str, str], log_name: str = "server.log") -> None:
-        self.port = free_port()
-        self.log_path = args.out / log_name
-        sizes = ",".join(dict.fromkeys(["1024x576", args.size]))  # the server insists on its default size
-        self.argv = [
-            sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port), "--model", args.model,
-            "--max-batch", str(args.server_max_batch), "--sizes", sizes, "--max-images", str(max(150, args.http_images)),
-            "--image-dir", str(workdir / "images"), "--job-db", str(workdir / "jobs.sqlite3"), "--model-cache", args.model_cache,
-            "--heartbeat-interval", "5", "--shard-timeout", "900", "--cpu-threads", str(args.cpu_threads),
-        ]  # fmt: skip
-        if args.device.startswith("cuda"):
-            self.argv += ["--devices", args.device]
-        else:
-            self.argv += ["--workers", "1"]
-        for name in SPEED_FLAGS:
-            self.argv += ["--" + name.replace("_", "-"), settings[name]]
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+def wait_ready(server: ApiServer, timeout: float, heartbeat_s: float = math.inf, label: str = "server") -> dict[str, Any]:
+    """Until a worker is ready; a line every ``heartbeat_s`` while its start (a compile) runs."""
 
-    def start(self) -> None:
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        self._log = open(self.log_path, "wb")
-        print(f"   $ {' '.join(self.argv[1:])}", flush=True)
-        self.process = subprocess.Popen(self.argv, cwd=self.workdir, env={**os.environ, "PYTHONPATH": path}, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    def ready(health: dict[str, Any]) -> bool:
+        workers = health.get("workers", [])
+        failed = [w.get("error") for w in workers if w.get("state") == "failed"]
+        if failed:
+            raise RuntimeError(f"the server's worker failed to start: {failed[0]}")
+        return any(w.get("state") in ("ready", "busy") for w in workers)
 
-    def health(self) -> dict[str, Any] | None:
-        import requests
+    def beat(seconds: float, health: dict[str, Any] | None) -> None:
+        states = ",".join(str(w.get("state")) for w in (health or {}).get("workers", [])) or "no answer"
+        print(f"   {label}: {seconds:.0f} s of at most {timeout:.0f} s: starting (workers: {states})", flush=True)
 
-        try:
-            return requests.get(self.url + "/health", timeout=2).json()
-        except (requests.RequestException, ValueError):
-            return None
-
-    def wait_ready(self, timeout: float, heartbeat_s: float = math.inf, label: str = "server") -> dict[str, Any]:
-        """Until a worker is ready; a line every ``heartbeat_s`` while its start (a compile) runs."""
-        started = time.monotonic()
-        next_beat = started + heartbeat_s
-        while time.monotonic() - started < timeout:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}; see {self.log_path.name}:\n{self.log_tail()}")
-            health = self.health()
-            workers = (health or {}).get("workers", [])
-            if any(w.get("state") in ("ready", "busy") for w in workers):
-                return health or {}
-            failed = [w.get("error") for w in workers if w.get("state") == "failed"]
-            if failed:
-                raise RuntimeError(f"the server's worker failed to start: {failed[0]}")
-            if time.monotonic() >= next_beat:
-                states = ",".join(str(w.get("state")) for w in workers) or "no answer"
-                print(f"   {label}: {time.monotonic() - started:.0f} s of at most {timeout:.0f} s: starting (workers: {states})", flush=True)
-                next_beat += heartbeat_s
-            time.sleep(0.25)
-        raise ReadyTimeout(f"no worker ready after {timeout:.0f} s, the step's limit; see {self.log_path.name}")
-
-    def process_tree(self) -> list[int]:
-        """The server's process and its children (the workers)."""
-        import psutil
-
-        if self.process is None or self.process.poll() is not None:
-            return []
-        try:
-            return [self.process.pid, *(child.pid for child in psutil.Process(self.process.pid).children(recursive=True))]
-        except psutil.Error:
-            return [self.process.pid]
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, drain_s: float = 60.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(drain_s)
-            except subprocess.TimeoutExpired:
-                _kill_group(self.process)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    try:
+        return server.wait_for(ready, timeout, "a ready worker", heartbeat=beat, heartbeat_s=heartbeat_s)
+    except NotReached:
+        raise ReadyTimeout(f"no worker ready after {timeout:.0f} s, the step's limit; see {server.log_path.name}") from None
 
 
 @dataclass
@@ -1243,20 +1172,21 @@ def arm_server(results: Results, arm: str, ready_limit_s: float) -> None:
     print(f"\n== ({arm}) {ARM_NAMES[arm]}: {args.http_images} images, --max-batch {args.server_max_batch}, compile {settings['compile']}, "
           f"ready within {ready_limit_s:.0f} s ==", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="gpu-throughput-") as tmp:
-        server = Server(args, Path(tmp), settings, "server.log" if arm == "d" else "server-compiled.log")
+        server = server_for(args, Path(tmp), settings, "server.log" if arm == "d" else "server-compiled.log")
         # Peak memory from before the start to the end of the request: on CUDA the device's use
         # beyond this process's, on the CPU the RSS of the server's processes (API and worker).
-        memory = MemoryPeak(args.device, pids=server.process_tree, interval=0.2)
+        memory = MemoryPeak(args.device, root=lambda: server.pid, interval=0.2)
         try:
             started = time.perf_counter()
             with memory:
-                server.start()
+                print(f"   $ {' '.join(server.args[1:])}", flush=True)
+                server.launch()
                 try:
-                    server.wait_ready(ready_limit_s, args.heartbeat_s, f"({arm})")
+                    wait_ready(server, ready_limit_s, args.heartbeat_s, f"({arm})")
                 except ReadyTimeout as exc:
                     results.abandoned[arm] = str(exc)
                     print(f"   ({arm}) abandoned: {exc}", flush=True)
-                    server.stop(drain_s=5.0)
+                    server.stop(5.0)
                     results.write()
                     return
                 ready_s = time.perf_counter() - started

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import statistics
@@ -47,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks.harness.report import Column, JsonOut, cpu_model, load_line, report
 from contract.formats import IMAGE_FORMATS
 from gpu_workers import encoding
 from gpu_workers.encoding import encode
@@ -260,29 +260,36 @@ def db(value: float) -> str:
     return "lossless" if math.isinf(value) else f"{value:.2f}"
 
 
-def table(rows: Sequence[Row], reference: Row) -> str:
-    lines = [
-        "| format | quality | bytes/image (median) | 150-image base64 body | smaller than PNG (batch; per photo) "
-        "| encode ms (CPU, median) | wall ms | time vs PNG | PSNR dB (median; min) | SSIM (median) | dB per +10 KB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+TABLE_COLUMNS = [
+    Column("format", align="<"), Column("quality"), Column("median_bytes", "bytes/image (median)", megabytes),
+    Column("batch_base64_bytes", "150-image base64 body", megabytes),
+    Column("smaller", "smaller than PNG (batch; per photo)", lambda v: f"{v[0]:.1f}x ({v[1]:.1f}-{v[2]:.1f}x)"),
+    Column("cpu_ms", "encode ms (CPU, median)", ".1f"), Column("wall_ms", "wall ms", ".1f"), Column("time_vs_png", "time vs PNG", lambda v: f"{v:.2f}x"),
+    Column("psnr", "PSNR dB (median; min)", lambda v: f"{db(v[0])} ({db(v[1])})"), Column("ssim", "SSIM (median)", lambda v: "-" if math.isnan(v) else f"{v:.4f}"),
+    Column("db_per_10kb", "dB per +10 KB", ".2f"),
+]  # fmt: skip
+
+
+def table(rows: Sequence[Row], reference: Row, json_out: JsonOut | None = None, name: str = "formats") -> str:
+    """The markdown table of ``rows`` against ``reference`` (PNG); their figures (``row_json``) to ``json_out``."""
+    cells: list[dict[str, Any]] = []
     previous: Row | None = None
     for row in rows:
         low, high = row.per_picture_smaller(reference)
-        slope = ""
+        slope = None
         if previous is not None and (previous.setting.image_format, previous.setting.label) == (row.setting.image_format, row.setting.label) and not math.isinf(row.psnr):
             extra = (row.median_bytes - previous.median_bytes) / 1e4
-            slope = f"{(row.psnr - previous.psnr) / extra:.2f}" if extra > 0 else ""
-        quality = "-" if row.setting.quality is None else str(row.setting.quality)
-        label = row.setting.label or row.setting.image_format
-        lines.append(
-            f"| {label} | {quality} | {megabytes(row.median_bytes)} | {megabytes(row.batch_bytes)} | "
-            f"{row.smaller_than(reference):.1f}x ({low:.1f}-{high:.1f}x) | {row.cpu_ms:.1f} | {row.wall_ms:.1f} | "
-            f"{row.time_ratio(reference):.2f}x | {db(row.psnr)} ({db(row.min_psnr)}) | "
-            f"{'-' if math.isnan(row.ssim) else f'{row.ssim:.4f}'} | {slope} |"
-        )
+            slope = (row.psnr - previous.psnr) / extra if extra > 0 else None
+        cells.append({
+            "format": row.setting.label or row.setting.image_format, "quality": row.setting.quality, "median_bytes": row.median_bytes,
+            "batch_base64_bytes": row.batch_bytes, "smaller": (row.smaller_than(reference), low, high), "cpu_ms": row.cpu_ms, "wall_ms": row.wall_ms,
+            "time_vs_png": row.time_ratio(reference), "psnr": (row.psnr, row.min_psnr), "ssim": row.ssim, "db_per_10kb": slope,
+        })  # fmt: skip
         previous = row
-    return "\n".join(lines)
+    text = report(cells, TABLE_COLUMNS, markdown=True, echo=False)
+    if json_out is not None:
+        json_out.add(name, [row_json(row, reference) for row in rows])
+    return text
 
 
 def row_json(row: Row, reference: Row) -> dict[str, Any]:
@@ -305,15 +312,9 @@ def row_json(row: Row, reference: Row) -> dict[str, Any]:
 def machine_line() -> str:
     from PIL import __version__ as pillow, features
 
-    model = "unknown CPU"
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return (
-        f"{model}, {os.cpu_count()} cores; Python {sys.version.split()[0]}, Pillow {pillow} "
-        f"(libwebp {features.version('webp')}, libjpeg {features.version('jpg')}, zlib {features.version('zlib')}); "
-        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        f"{cpu_model()}, {os.cpu_count()} cores; Python {sys.version.split()[0]}, Pillow {pillow} "
+        f"(libwebp {features.version('webp')}, libjpeg {features.version('jpg')}, zlib {features.version('zlib')}); {load_line()}"
     )
 
 
@@ -390,14 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = sweep_settings(args.webp_qualities, args.jpeg_qualities, args.webp_methods, args.jpeg_444)
     rows = measure(photos, settings, args.runs, ssim=not args.no_ssim)
     reference = rows[0]
-    print(table(rows, reference))
-    report: dict[str, Any] = {
-        "machine": machine_line(),
-        "command": " ".join(["python", "-m", "benchmarks.image_formats", *(argv if argv is not None else sys.argv[1:])]),
-        "photos": list(PHOTOS),
-        "runs": args.runs,
-        "formats": [row_json(row, reference) for row in rows],
-    }
+    json_out = JsonOut(args.json, "benchmarks.image_formats", pillow=machine_line(), photos=list(PHOTOS), runs=args.runs)
+    print(table(rows, reference, json_out, "formats"))
 
     goal_row = next((r for r in rows if r.setting == Setting("webp", webp_default)), None)
     print()
@@ -419,22 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.params:
         print(f"\n### the encoder's parameters (webp q{webp_default}, jpeg q{jpeg_default}; same photographs)\n")
         params = measure(photos, parameter_settings(), args.runs, ssim=not args.no_ssim)
-        print(table(params, params[0]))
-        report["params"] = [row_json(row, params[0]) for row in params]
+        print(table(params, params[0], json_out, "params"))
 
     if args.simulated:
         print(f"\n### {args.simulated} pictures of benchmarks.simulated_device (what benchmarks.device_overlap encodes)\n")
         pictures = {f"simulated {seed}": image for seed, image in enumerate(simulated_pictures(args.simulated))}
         simulated = measure(pictures, [Setting("png", None), Setting("webp", webp_default), Setting("jpeg", jpeg_default)], args.runs, ssim=not args.no_ssim)
-        print(table(simulated, simulated[0]))
-        report["simulated"] = [row_json(row, simulated[0]) for row in simulated]
+        print(table(simulated, simulated[0], json_out, "simulated"))
 
-    print(f"\n{time.monotonic() - began:.0f} s; at the end: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, indent=2)
-            out.write("\n")
-        print(f"JSON written to {args.json}")
+    print(f"\n{time.monotonic() - began:.0f} s; at the end: {load_line()}")
+    json_out.add("goal", {"webp_quality": webp_default, "passed": ok})
+    json_out.announce()
     return 0 if ok else 1
 
 

@@ -35,8 +35,8 @@ answers three questions on one machine, in one run, side by side:
 
     python -m benchmarks.scale_out [--images 24] [--max-batch 2] [--rounds 3] [--kills 2]
 
-It starts everything itself on free loopback ports: one ``redis-server`` (``tests.redis_server``,
-nothing persisted), the three API servers (``benchmarks.soak.OwnServer``; the two broker ones with
+It starts everything itself on free loopback ports: one ``redis-server`` (``benchmarks.harness.redis_server``,
+nothing persisted), the three API servers (``benchmarks.harness.launch``; the two broker ones with
 ``--workers 0 --broker URL --broker-prefix P``, a prefix each, so they share the Redis) and three
 worker boxes; every command is printed. Everything is stopped and every temp dir removed at the
 end, also on Ctrl-C or an error (``--keep-logs`` keeps the logs). Not part of the test suite: it
@@ -53,7 +53,6 @@ import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,12 +67,14 @@ import psutil
 import redis
 import requests
 
-from benchmarks.server_overhead import load_line, machine_description
-from benchmarks.soak import REPO, OwnServer, get_health
+from benchmarks.harness.launch import ApiServer, WorkerBox, bench_server, ready_rows
+from benchmarks.harness.redis_server import RedisServer
+from benchmarks.harness.report import JsonOut, Column, Ratio, load_line, machine_description, report
+from benchmarks.harness.sampling import cpu_seconds
+from benchmarks.soak import get_health
 from gpu_workers import wire
 from gpu_workers.messages import ShardTask
 from gpu_workers.redis_protocol import GROUP, TASK_FIELD, Keys
-from tests.redis_server import RedisServer
 
 CLIENT_TIMEOUT_S = 300.0
 READY_TIMEOUT_S = 180.0
@@ -94,64 +95,11 @@ def quoted(args: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-class WorkerBox:
-    """``python -m gpu_workers --workers 1`` in a directory of its own, as on another box.
-
-    Its own session, so a Ctrl-C in the terminal reaches only this script, which stops the box with
-    SIGTERM (the worker finishes its shard); SIGKILL of the whole group if it does not stop."""
-
-    def __init__(self, name: str, broker: str, prefix: str, model_cache: str, visibility_timeout: float) -> None:
-        self.name = name
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"sdxl-scale-out-{name}-"))
-        self.log_path = self.workdir / "worker.log"
-        self.args = [
-            sys.executable, "-m", "gpu_workers", "--broker", broker, "--broker-prefix", prefix, "--workers", "1",
-            "--model", "tiny", "--cpu-threads", "1", "--model-cache", model_cache,
-            "--visibility-timeout", f"{visibility_timeout:g}",
-        ]  # fmt: skip
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open for the life of the process, closed in stop()
-        self.process = subprocess.Popen(
-            self.args, cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(BOX_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                print(f"box {self.name} did not stop {BOX_STOP_TIMEOUT_S:.0f} s after SIGTERM; SIGKILL", file=sys.stderr)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # the group is the box's session: its workers too
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(10)
-        if self._log:
-            self._log.close()
-        return self.process.returncode
-
-
 @dataclass
 class Setup:
     key: str
     label: str
-    server: OwnServer
+    server: ApiServer
     boxes: list[WorkerBox] = field(default_factory=list)
     prefix: str | None = None
 
@@ -162,23 +110,6 @@ class Setup:
     @property
     def url(self) -> str:
         return self.server.url
-
-
-def ready_rows(health: dict[str, Any] | None) -> list[dict[str, Any]]:
-    return [w for w in (health or {}).get("workers", []) if w.get("state") in TAKING]
-
-
-def wait_health(
-    session: requests.Session, url: str, predicate: Callable[[dict[str, Any]], bool], what: str, timeout: float = READY_TIMEOUT_S
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    health: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
-        health = get_health(session, url)
-        if health is not None and predicate(health):
-            return health
-        time.sleep(0.1)
-    raise RuntimeError(f"{what}: not reached in {timeout:.0f} s at {url}; last /health: {health}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,14 +149,6 @@ def post_alone(url: str, body: dict[str, Any]) -> tuple[float, bool, str, list[s
     """``post`` from another thread, with a session of its own."""
     with requests.Session() as session:
         return post(session, url, body)
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        times = psutil.Process(pid).cpu_times()
-        return times.user + times.system
-    except psutil.Error:
-        return float("nan")
 
 
 def processes_of(setup: Setup, session: requests.Session, redis_pid: int | None) -> dict[str, int]:
@@ -365,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-cache", default=str(Path.home() / ".cache" / "sdxl-lightning-server"), help="where the tiny model is built"
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dirs with the servers' and workers' logs")
+    parser.add_argument("--json", help="also write the throughput table, the broker overhead and the kills as JSON here")
     args = parser.parse_args(argv)
     if args.images < 1 or args.max_batch < 1 or args.rounds < 1 or args.kills < 0 or args.visibility_timeout <= 0:
         parser.error("--images, --max-batch and --rounds must be at least 1, --kills not negative, --visibility-timeout positive")
@@ -379,15 +303,20 @@ def start_everything(args: argparse.Namespace, stack: contextlib.ExitStack, logs
     print(f"$ {quoted(redis_server.args)}", flush=True)
     redis_server.start()
 
-    def server(workers: int, extra: list[str]) -> OwnServer:
-        own = OwnServer(workers, args.max_batch, args.model_cache)
-        own.args += ["--cpu-threads", "1", *extra]
+    def server(workers: int, extra: list[str]) -> ApiServer:
+        own = bench_server(workers, args.max_batch, args.model_cache, "--cpu-threads", "1", *extra, prefix="sdxl-scale-out-")
         stack.callback(stop_server, own, args.keep_logs)
         logs.append(own.log_path)
         return own
 
     def box(name: str, prefix: str) -> WorkerBox:
-        worker_box = WorkerBox(name, redis_server.url, prefix, args.model_cache, args.visibility_timeout)
+        worker_box = WorkerBox(
+            Path(tempfile.mkdtemp(prefix=f"sdxl-scale-out-{name}-")),
+            ["--broker", redis_server.url, "--broker-prefix", prefix, "--workers", "1", "--model", "tiny", "--cpu-threads", "1",
+             "--model-cache", args.model_cache, "--visibility-timeout", f"{args.visibility_timeout:g}"],
+            name=f"worker box {name}",
+        )  # fmt: skip
+        worker_box.stop_timeout = BOX_STOP_TIMEOUT_S
         stack.callback(stop_box, worker_box, args.keep_logs)
         logs.append(worker_box.log_path)
         return worker_box
@@ -403,21 +332,17 @@ def start_everything(args: argparse.Namespace, stack: contextlib.ExitStack, logs
     for setup in setups:
         for worker_box in setup.boxes:
             print(f"$ (cd {worker_box.workdir} && {quoted(worker_box.args)})", flush=True)
-            worker_box.start()
+            worker_box.launch()
     started = time.monotonic()
-    with requests.Session() as session:
-        for setup in setups:
-            print(f"$ (cd {setup.server.workdir} && {quoted(setup.server.args)})", flush=True)
-            setup.server.start()  # returns at the first 200 from /health: one worker ready
-            wait_health(
-                session, setup.url, lambda h, n=setup.workers: len(ready_rows(h)) == n and h.get("status") == "healthy",
-                f"{setup.label}: {setup.workers} worker(s) ready",
-            )
+    for setup in setups:
+        print(f"$ (cd {setup.server.workdir} && {quoted(setup.server.args)})", flush=True)
+        setup.server.start(READY_TIMEOUT_S)  # returns at the first 200 from /health: one worker ready
+        setup.server.wait_workers(setup.workers, READY_TIMEOUT_S)
     print(f"   all three setups ready {time.monotonic() - started:.1f} s after the first API start; {load_line()}", flush=True)
     return redis_server, setups
 
 
-def stop_server(server: OwnServer, keep: bool) -> None:
+def stop_server(server: ApiServer, keep: bool) -> None:
     code = server.stop()
     if code not in (0, None):
         print(f"server on port {server.port} stopped with exit code {code}; log tail:\n{tail(server.log_path)}", file=sys.stderr)
@@ -428,7 +353,7 @@ def stop_server(server: OwnServer, keep: bool) -> None:
 def stop_box(box: WorkerBox, keep: bool) -> None:
     code = box.stop()
     if code not in (0, None):
-        print(f"worker box {box.name} stopped with exit code {code}; log tail:\n{tail(box.log_path)}", file=sys.stderr)
+        print(f"{box.name} stopped with exit code {code}; log tail:\n{tail(box.log_path)}", file=sys.stderr)
     if not keep:
         shutil.rmtree(box.workdir, ignore_errors=True)
 
@@ -471,17 +396,21 @@ def part_one(args: argparse.Namespace, setups: list[Setup], redis_pid: int | Non
 def summarize_part_one(args: argparse.Namespace, setups: list[Setup], runs: list[Run]) -> dict[str, float]:
     shards = -(-args.images // args.max_batch)
     medians = {s.key: statistics.median(r.wall for r in runs if r.setup == s.key) for s in setups}
-    print(f"\n   {'setup':<25} {'median wall':>11} {'images/s':>9} {'ms/image':>9}   cores used (medians)   wall of each run")
+    rows = []
     for setup in setups:
         mine = [r for r in runs if r.setup == setup.key]
-        labels = list(mine[0].cores)
-        cores = ", ".join(f"{label} {statistics.median(r.cores.get(label, float('nan')) for r in mine):.2f}" for label in labels)
-        walls = " ".join(f"{r.wall:.2f}" for r in mine)
+        cores = {label: statistics.median(r.cores.get(label, float("nan")) for r in mine) for label in mine[0].cores}
         wall = medians[setup.key]
-        print(f"   {setup.label:<25} {wall:10.2f}s {args.images / wall:9.2f} {1000 * wall / args.images:9.0f}   {cores}   {walls}")
+        rows.append({"setup": setup.label, "median_wall_s": wall, "images_per_s": args.images / wall, "ms_per_image": 1000 * wall / args.images,
+                     "cores": cores, "walls": [r.wall for r in mine]})  # fmt: skip
     local, one, two = medians["local-1"], medians["remote-1"], medians["remote-2"]
-    print(f"\n   2 remote / 1 remote workers: {one / two:.2f}x the images/s (ideal 2.00x)")
-    print(f"   1 remote worker / local pool: {local / one:.2f}x the images/s (ideal 1.00x)")
+    print()
+    report(rows, [
+        Column("setup", align="<"), Column("median_wall_s", "median wall", lambda v: f"{v:.2f}s"), Column("images_per_s", "images/s", ".2f"),
+        Column("ms_per_image", "ms/image", ".0f"), Column("cores", "cores used (medians)", describe_cores, align="<"),
+        Column("walls", "wall of each run", lambda v: " ".join(f"{w:.2f}" for w in v), align="<"),
+    ], ratios=[Ratio("2 remote / 1 remote workers, images/s", one / two, 2.0), Ratio("1 remote worker / local pool, images/s", local / one, 1.0)],
+       indent="   ", json_out=args.json_out, name="throughput")  # fmt: skip
     per_shard = (one - local) / shards
     print(
         f"\n== 2. broker overhead per shard against the local pool ==\n"
@@ -493,10 +422,9 @@ def summarize_part_one(args: argparse.Namespace, setups: list[Setup], runs: list
 
 def wait_two_ready(session: requests.Session, setup: Setup, victims: set[int]) -> dict[str, Any]:
     """Exactly two rows, both ready, neither a killed pid (a dead worker's heartbeat lingers <= 10 s)."""
-    return wait_health(
-        session, setup.url,
+    return setup.server.wait_for(
         lambda h: len(h["workers"]) == 2 and all(w["state"] == "ready" and w["pid"] not in victims for w in h["workers"]),
-        "two ready remote workers",
+        READY_TIMEOUT_S, "two ready remote workers",
     )  # fmt: skip
 
 
@@ -620,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(args: argparse.Namespace, began: float) -> int:
     code = 0
+    args.json_out = JsonOut(args.json, "benchmarks.scale_out")
     logs: list[Path] = []
     with contextlib.ExitStack() as stack:
         try:
@@ -673,10 +602,14 @@ def measure(args: argparse.Namespace, began: float) -> int:
                 f"(visibility timeout {args.visibility_timeout:g} s); replacement ready {'n/a' if kill['replacement_ready'] is None else format(kill['replacement_ready'], '.1f')} s "
                 f"after the kill, ran {kill['replacement_images']} images"
             )
+        args.json_out.add("broker_overhead", {key: summary[key] for key in ("per_shard_ms", "percent")})
+        args.json_out.add("kills", kills)
+        args.json_out.add("checks", {"byte_identical": same, "failed_requests": len(failed), "spurious_takeovers": takeovers_before})
         if not same or failed or not all(k["ok"] for k in kills):
             code = 1
         print(f"   at the end: {load_line()}; the run took {time.monotonic() - began:.0f} s; stopping everything", flush=True)
     print(f"stopped and removed; total {time.monotonic() - began:.0f} s")
+    args.json_out.announce()
     return code
 
 

@@ -44,26 +44,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import bisect
 import json
-import math
 import multiprocessing
 import os
-import platform
+import shutil
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import requests
 
-from benchmarks.soak import OwnServer
+from benchmarks.harness.launch import ApiServer, bench_server
+from benchmarks.harness.report import Check, Column, JsonOut, load_line, machine_description, mib, percentile, report, report_checks
+from benchmarks.harness.sampling import TreeSampler, cpu_seconds, schedstat
 
 PNG_B64_MAGIC = b'"iVBORw0KGgo'  # base64 of the PNG signature, after the opening quote
 BAD_BODY = b'{"prompts": []}'  # a 400: fails the schema before any work
@@ -86,40 +85,6 @@ GOAL_HEARTBEAT = 1.5
 
 # --------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def load_line() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cores)"
-
-
-def mib(value: float) -> str:
-    return f"{value / 2**20:.1f} MiB"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = psutil.virtual_memory().total
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {memory / 2**30:.1f} GiB RAM, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}, torch {metadata.version('torch')}, aiohttp {metadata.version('aiohttp')}"
-    )
 
 
 def batch_body(prompts: Sequence[str], per_prompt: int, seed: int, return_format: str) -> dict[str, Any]:
@@ -421,95 +386,12 @@ class LoadProcess:
 
 
 # --------------------------------------------------------------------------------------------------
-# Sampling the server process: RSS and CPU every few ms, in a thread
-
-
-@dataclass
-class Samples:
-    times: list[float] = field(default_factory=list)
-    rss: list[int] = field(default_factory=list)
-    cpu: dict[int, list[float]] = field(default_factory=dict)  # pid -> user+system seconds
-    waits: dict[int, list[float]] = field(default_factory=dict)  # pid -> seconds its main thread waited for a CPU
-
-
-class Sampler(threading.Thread):
-    """RSS of ``rss_pid`` and CPU seconds of every pid in ``cpu_pids``, every ``interval`` seconds."""
-
-    def __init__(self, rss_pid: int, cpu_pids: Sequence[int], interval: float) -> None:
-        super().__init__(name="sampler", daemon=True)
-        self.interval = interval
-        self._rss = psutil.Process(rss_pid)
-        self._cpu = {pid: psutil.Process(pid) for pid in cpu_pids}
-        self.samples = Samples(cpu={pid: [] for pid in cpu_pids}, waits={pid: [] for pid in cpu_pids})
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            now = time.monotonic()
-            rss = self._rss.memory_info().rss
-            cpus = {}
-            for pid, process in self._cpu.items():
-                try:
-                    times = process.cpu_times()
-                    cpus[pid] = times.user + times.system
-                except psutil.Error:
-                    cpus[pid] = float("nan")
-            self.samples.times.append(now)
-            self.samples.rss.append(rss)
-            for pid, value in cpus.items():
-                self.samples.cpu[pid].append(value)
-                self.samples.waits[pid].append(schedstat(pid, pid)[1])
-            self._halt.wait(self.interval)
-
-    def stop(self) -> Samples:
-        self._halt.set()
-        self.join()
-        return self.samples
-
-    @staticmethod
-    def rss_between(samples: Samples, start: float, end: float) -> list[int]:
-        return [r for t, r in zip(samples.times, samples.rss) if start <= t <= end]
-
-    @staticmethod
-    def cpu_between(samples: Samples, pid: int, start: float, end: float, series: str = "cpu") -> float:
-        """CPU seconds the process used (``waits``: its main thread waited for a CPU) between two moments,
-        from the last sample at or before ``start`` to the first at or after ``end``."""
-        values = getattr(samples, series)[pid]
-        first = max(0, bisect.bisect_right(samples.times, start) - 1)
-        last = min(len(values) - 1, bisect.bisect_left(samples.times, end))
-        if last <= first:
-            return float("nan")
-        return values[last] - values[first]
-
-
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
-
-
-def schedstat(pid: int, tid: int) -> tuple[float, float]:
-    """(seconds on a CPU, seconds runnable but waiting for a CPU) of one thread, from the scheduler.
-
-    The wait is what other processes on a shared machine cost us; wall time minus it is what the
-    run would have taken on an idle machine, which is far less noisy than wall time alone.
-    """
-    try:
-        on_cpu, waiting, _ = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
-    except (OSError, ValueError):
-        return float("nan"), float("nan")
-    return int(on_cpu) / 1e9, int(waiting) / 1e9
-
-
-# --------------------------------------------------------------------------------------------------
 # The parts
 
 
-@dataclass
-class Verdict:
-    name: str
-    value: str
-    goal: str
-    ok: bool | None  # None: a figure to report, with no goal
+def goal_check(name: str, value: str, goal: str, ok: bool | None) -> Check:
+    """One line of the goals table (``ok`` None: a figure reported beside them)."""
+    return Check(ok, name, value, goal)
 
 
 @dataclass
@@ -531,7 +413,7 @@ class Run:
         return self.wall - self.on_cpu - self.waiting
 
 
-def part_overhead(args: argparse.Namespace, bare: BareProcess, server: OwnServer, worker_pid: int, verdicts: list[Verdict]) -> None:
+def part_overhead(args: argparse.Namespace, bare: BareProcess, server: ApiServer, worker_pid: int, verdicts: list[Check]) -> None:
     n = args.images
     per_prompt = n // len(PROMPTS) if n % len(PROMPTS) == 0 else 1
     prompts = PROMPTS if per_prompt > 1 else tuple(PROMPTS[i % len(PROMPTS)] + f" #{i}" for i in range(n))
@@ -582,19 +464,25 @@ def part_overhead(args: argparse.Namespace, bare: BareProcess, server: OwnServer
         return statistics.median(getattr(run, attribute) for run in runs[kind])
 
     base, base_undisturbed = med("bare", "wall"), med("bare", "undisturbed")
-    print(f"\n   {'':<15}{'wall (median)':>14}{'per image':>11}{'overhead':>20}  {'minus CPU waits':>16}{'overhead':>20}   wall runs")
+    rows = []
     for kind in kinds:
         wall, undisturbed = med(kind, "wall"), med(kind, "undisturbed")
-        label = "bare pipeline" if kind == "bare" else f"server {kind}"
-        if kind == "bare":
-            over = over_undisturbed = "-"
-        else:
-            over = f"{(wall - base) / n * 1000:+.1f} ms/img {wall / base - 1:+.1%}"
-            over_undisturbed = f"{(undisturbed - base_undisturbed) / n * 1000:+.1f} ms/img {undisturbed / base_undisturbed - 1:+.1%}"
-        print(
-            f"   {label:<15}{wall:13.2f}s{wall / n * 1000:8.0f} ms{over:>20}  {undisturbed:15.2f}s{over_undisturbed:>20}   "
-            + " ".join(f"{run.wall:.2f}" for run in runs[kind])
-        )
+        rows.append({
+            "setup": "bare pipeline" if kind == "bare" else f"server {kind}", "wall_s": wall, "ms_per_image": wall / n * 1000,
+            "overhead_ms_per_image": None if kind == "bare" else (wall - base) / n * 1000,
+            "overhead": None if kind == "bare" else wall / base - 1,
+            "undisturbed_s": undisturbed,
+            "undisturbed_overhead_ms_per_image": None if kind == "bare" else (undisturbed - base_undisturbed) / n * 1000,
+            "undisturbed_overhead": None if kind == "bare" else undisturbed / base_undisturbed - 1,
+            "walls": [run.wall for run in runs[kind]],
+        })  # fmt: skip
+    print()
+    report(rows, [
+        Column("setup", "", align="<"), Column("wall_s", "wall (median)", lambda v: f"{v:.2f}s"), Column("ms_per_image", "per image", lambda v: f"{v:.0f} ms"),
+        Column("overhead_ms_per_image", "overhead", lambda v: f"{v:+.1f} ms/img"), Column("overhead", "", "+.1%"),
+        Column("undisturbed_s", "minus CPU waits", lambda v: f"{v:.2f}s"), Column("undisturbed_overhead_ms_per_image", "overhead", lambda v: f"{v:+.1f} ms/img"),
+        Column("undisturbed_overhead", "", "+.1%"), Column("walls", "wall runs", lambda v: " ".join(f"{w:.2f}" for w in v), align="<"),
+    ], indent="   ", json_out=args.json_out, name="overhead")  # fmt: skip
     print("   where the server's time goes (medians, per image):")
     print(f"     bare: compute thread on CPU {med('bare', 'on_cpu') / n * 1000:.1f} ms")
     for kind in ("base64", "url"):
@@ -625,7 +513,7 @@ def part_overhead(args: argparse.Namespace, bare: BareProcess, server: OwnServer
         ratio_undisturbed = med(kind, "undisturbed") / base_undisturbed - 1
         ratio_min = min(run.wall for run in runs[kind]) / min(run.wall for run in runs["bare"]) - 1
         verdicts.append(
-            Verdict(
+            goal_check(
                 f"overhead, {n} images, {kind} (by accounting)",
                 f"{bound / med('bare', 'on_cpu'):+.2%} ({bound / n * 1000:+.1f} ms/image)",
                 "< +5%",
@@ -633,7 +521,7 @@ def part_overhead(args: argparse.Namespace, bare: BareProcess, server: OwnServer
             )
         )
         verdicts.append(
-            Verdict(
+            goal_check(
                 f"overhead, {n} images, {kind} (wall - CPU waits)",
                 f"{ratio_undisturbed:+.1%} ({(med(kind, 'undisturbed') - base_undisturbed) / n * 1000:+.1f} ms/image), median",
                 "< +5%",
@@ -641,9 +529,9 @@ def part_overhead(args: argparse.Namespace, bare: BareProcess, server: OwnServer
             )
         )
         verdicts.append(
-            Verdict(f"overhead, {n} images, {kind} (raw wall)", f"median {ratio_wall:+.1%}, best run {ratio_min:+.1%}", "< +5%, not judged", None)
+            goal_check(f"overhead, {n} images, {kind} (raw wall)", f"median {ratio_wall:+.1%}, best run {ratio_min:+.1%}", "< +5%, not judged", None)
         )
-    verdicts.append(Verdict("same PNG bytes as bare", "yes" if identical else "NO", "identical", identical))
+    verdicts.append(goal_check("same PNG bytes as bare", "yes" if identical else "NO", "identical", identical))
 
 
 def big_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -657,7 +545,7 @@ def check_big(reply: Reply, images: int) -> None:
         raise RuntimeError(f"big job failed: HTTP {reply.status}, {reply.png_count} PNGs, tail {reply.tail[-300:]!r}")
 
 
-def print_silences(reply: Reply, interval: float, label: str, verdicts: list[Verdict]) -> None:
+def print_silences(reply: Reply, interval: float, label: str, verdicts: list[Check]) -> None:
     silences = reply.silences()
     worst = max(silences)
     where = silences.index(worst)
@@ -669,42 +557,50 @@ def print_silences(reply: Reply, interval: float, label: str, verdicts: list[Ver
         f"between beats: median {statistics.median(between):.3f} s, max {max(between):.3f} s; "
         f"first beat after {silences[0]:.3f} s; last beat -> JSON {silences[-1]:.3f} s"
     )
-    verdicts.append(Verdict(f"heartbeat largest silence ({label})", f"{worst / interval:.2f}x interval ({worst:.3f} s)", "<= 1.5x", worst <= GOAL_HEARTBEAT * interval))
+    verdicts.append(goal_check(f"heartbeat largest silence ({label})", f"{worst / interval:.2f}x interval ({worst:.3f} s)", "<= 1.5x", worst <= GOAL_HEARTBEAT * interval))
 
 
-def latency_line(
+def latency_row(
     label: str, records: list[tuple[float, float, int, int]], start: float, end: float, kind: int, waits: tuple[float, float]
-) -> tuple[float, int]:
+) -> dict[str, Any]:
     """One row of latencies; ``waits``: seconds the API's loop thread and the client waited for a CPU in the window."""
     chosen = [r for r in records if start <= r[0] < end and r[2] == kind]
     latencies = [r[1] for r in chosen if r[3] > 0]
-    errors = sum(1 for r in chosen if r[3] <= 0)
-    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     span = max(end - start, 1e-9)
-    print(
-        f"   {label:<24}{len(latencies):6d}{p50 * 1000:9.1f} ms{p99 * 1000:9.1f} ms{max(latencies, default=float('nan')) * 1000:9.1f} ms"
-        f"{waits[0] / span * 1000:13.0f} ms/s{waits[1] / span * 1000:13.0f} ms/s" + (f"  ({errors} errors)" if errors else "")
-    )
-    return p99, len(latencies)
+    return {
+        "window": label, "requests": len(latencies), "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000,
+        "max_ms": max(latencies, default=float("nan")) * 1000, "api_waited_ms_per_s": waits[0] / span * 1000,
+        "probe_waited_ms_per_s": waits[1] / span * 1000, "errors": sum(1 for r in chosen if r[3] <= 0),
+    }  # fmt: skip
 
 
-def part_memory_probe(args: argparse.Namespace, server: OwnServer, verdicts: list[Verdict]) -> None:
+def ms(value: float) -> str:
+    return f"{value:.1f} ms"
+
+
+LATENCY_COLUMNS = [
+    Column("window", align="<"), Column("requests"), Column("p50_ms", "p50", ms), Column("p99_ms", "p99", ms), Column("max_ms", "max", ms),
+    Column("api_waited_ms_per_s", "API loop thread waited for a CPU", lambda v: f"{v:.0f} ms/s"),
+    Column("probe_waited_ms_per_s", "probe waited", lambda v: f"{v:.0f} ms/s"), Column("errors"),
+]  # fmt: skip
+
+
+def part_memory_probe(args: argparse.Namespace, server: ApiServer, verdicts: list[Check]) -> None:
     """Job A: a 150-image base64 job with RSS sampled every 20 ms, heartbeats timed, /health probed."""
     print(f"\n== 2. memory, heartbeats and /health p99: one {args.big_images}-image base64 job ==", flush=True)
     print(f"   {load_line()}")
     assert server.pid is not None
     probe = LoadProcess(server.url, "probe", rate=args.probe_rate)
-    sampler = Sampler(server.pid, [server.pid, probe.pid], args.sample_interval)
-    sampler.start()
+    sampler = TreeSampler(server.pid, args.sample_interval, tree=False, cpu_pids=[server.pid, probe.pid], waits=True).start()
     time.sleep(args.idle_seconds)
     reply = post_generate(server.url, big_body(args))
     time.sleep(args.idle_seconds)
     samples = sampler.stop()
     records = probe.finish()
     check_big(reply, args.big_images)
-    idle = statistics.median(Sampler.rss_between(samples, samples.times[0], reply.sent))
-    generating = Sampler.rss_between(samples, reply.sent, reply.json_started)
-    writing = Sampler.rss_between(samples, reply.json_started, reply.ended + 0.25)
+    idle = statistics.median(samples.rss_between(samples.times[0], reply.sent))
+    generating = samples.rss_between(reply.sent, reply.json_started)
+    writing = samples.rss_between(reply.json_started, reply.ended + 0.25)
     peak = max(generating + writing)
     extra = peak - idle
     ratio = extra / reply.body_bytes
@@ -714,24 +610,27 @@ def part_memory_probe(args: argparse.Namespace, server: OwnServer, verdicts: lis
         f"{args.sample_interval * 1000:.0f} ms"
     )
     print(f"   response body: {mib(reply.body_bytes)} ({reply.png_count} base64 PNGs)")
-    after = statistics.median(Sampler.rss_between(samples, reply.ended + 1.0, samples.times[-1]) or [float("nan")])
+    after = statistics.median(samples.rss_between(reply.ended + 1.0, samples.times[-1]) or [float("nan")])
     print(
         f"   API process RSS: idle {mib(idle)}; peak while generating {mib(max(generating))}, while writing "
         f"{mib(max(writing))}; extra peak {mib(extra)} = {ratio:.2f}x the body; {mib(after)} after the job"
     )
-    verdicts.append(Verdict(f"extra peak RSS, {args.big_images}-image base64", f"{ratio:.2f}x body ({mib(extra)} for {mib(reply.body_bytes)})", "< 1.5x", ratio < GOAL_MEMORY))
+    verdicts.append(goal_check(f"extra peak RSS, {args.big_images}-image base64", f"{ratio:.2f}x body ({mib(extra)} for {mib(reply.body_bytes)})", "< 1.5x", ratio < GOAL_MEMORY))
     print_silences(reply, args.heartbeat_interval, "probe job", verdicts)
     print(f"   GET /health paced at {args.probe_rate:g}/s from a second process (open loop):")
-    print(f"   {'window':<24}{'requests':>6}{'p50':>12}{'p99':>12}{'max':>12}{'API loop thread and probe waited for a CPU':>46}")
 
     def waits(start: float, end: float) -> tuple[float, float]:
-        return tuple(Sampler.cpu_between(samples, pid, start, end, "waits") for pid in (server.pid, probe.pid))  # type: ignore[return-value]
+        return tuple(samples.cpu_between(pid, start, end, "waits") for pid in (server.pid, probe.pid))  # type: ignore[return-value]
 
-    latency_line("idle, before the job", records, probe.started + 0.5, reply.sent, HEALTH, waits(probe.started + 0.5, reply.sent))
-    p99_gen, _ = latency_line("while generating", records, reply.sent, reply.json_started, HEALTH, waits(reply.sent, reply.json_started))
-    p99_write, _ = latency_line("while writing the body", records, reply.json_started, reply.ended, HEALTH, waits(reply.json_started, reply.ended))
-    verdicts.append(Verdict("/health p99 while generating (paced)", f"{p99_gen * 1000:.1f} ms", "< 50 ms", p99_gen < GOAL_P99_S))
-    verdicts.append(Verdict("/health p99 while writing the body (paced)", f"{p99_write * 1000:.1f} ms", "< 50 ms", p99_write < GOAL_P99_S))
+    rows = [
+        latency_row("idle, before the job", records, probe.started + 0.5, reply.sent, HEALTH, waits(probe.started + 0.5, reply.sent)),
+        latency_row("while generating", records, reply.sent, reply.json_started, HEALTH, waits(reply.sent, reply.json_started)),
+        latency_row("while writing the body", records, reply.json_started, reply.ended, HEALTH, waits(reply.json_started, reply.ended)),
+    ]
+    report(rows, LATENCY_COLUMNS, indent="   ", json_out=args.json_out, name="health_latency_paced")
+    p99_gen, p99_write = rows[1]["p99_ms"] / 1000, rows[2]["p99_ms"] / 1000
+    verdicts.append(goal_check("/health p99 while generating (paced)", f"{p99_gen * 1000:.1f} ms", "< 50 ms", p99_gen < GOAL_P99_S))
+    verdicts.append(goal_check("/health p99 while writing the body (paced)", f"{p99_write * 1000:.1f} ms", "< 50 ms", p99_write < GOAL_P99_S))
 
 
 class LoadWindow(threading.Thread):
@@ -762,7 +661,7 @@ class LoadWindow(threading.Thread):
         self.resumed_at = time.monotonic()
 
 
-def part_rate(args: argparse.Namespace, server: OwnServer, verdicts: list[Verdict]) -> None:
+def part_rate(args: argparse.Namespace, server: ApiServer, verdicts: list[Check]) -> None:
     """Job B: a saturating load of cheap requests, idle and then during a 150-image job."""
     print(
         f"\n== 3. cheap requests per second: {args.connections} connections from a second process "
@@ -772,8 +671,7 @@ def part_rate(args: argparse.Namespace, server: OwnServer, verdicts: list[Verdic
     print(f"   {load_line()}")
     assert server.pid is not None
     load = LoadProcess(server.url, "saturate", connections=args.connections)
-    sampler = Sampler(server.pid, [server.pid, load.pid], args.sample_interval)
-    sampler.start()
+    sampler = TreeSampler(server.pid, args.sample_interval, tree=False, cpu_pids=[server.pid, load.pid], waits=True).start()
     time.sleep(args.idle_seconds)
     window = LoadWindow(load, server.url, args.load_seconds)
     window.start()
@@ -798,11 +696,8 @@ def part_rate(args: argparse.Namespace, server: OwnServer, verdicts: list[Verdic
         f"   job: {reply.seconds:.1f} s; under load while generating: {load_spans} (first {args.load_seconds:g} s, and from "
         f"the dispatch of its last shards), and the {reply.ended - reply.json_started:.2f} s writing {mib(reply.body_bytes)}"
     )
-    print(
-        f"   {'window':<24}{'seconds':>8}{'health/s':>10}{'400s/s':>9}{'total/s':>9}{'health p99':>12}{'errors':>8}"
-        f"{'API CPU':>9}{'load CPU':>10}{'API CPU/req':>13}{'API waited':>12}"
-    )
     rates: dict[str, float] = {}
+    rows = []
     for label, spans in windows:
         span = sum(end - start for start, end in spans)
         inside = [r for r in records if any(start <= r[0] + r[1] < end for start, end in spans)]
@@ -812,21 +707,27 @@ def part_rate(args: argparse.Namespace, server: OwnServer, verdicts: list[Verdic
         wrong = sum(1 for r in ok if r[3] != (200 if r[2] == HEALTH else 400))
         errors = len(inside) - len(ok) + wrong
         p99 = percentile([r[1] for r in health], 99)
-        api_cpu = sum(Sampler.cpu_between(samples, server.pid, start, end) for start, end in spans)
-        load_cpu = sum(Sampler.cpu_between(samples, load.pid, start, end) for start, end in spans)
-        api_wait = sum(Sampler.cpu_between(samples, server.pid, start, end, "waits") for start, end in spans)
+        api_cpu = sum(samples.cpu_between(server.pid, start, end) for start, end in spans)
+        load_cpu = sum(samples.cpu_between(load.pid, start, end) for start, end in spans)
+        api_wait = sum(samples.cpu_between(server.pid, start, end, "waits") for start, end in spans)
         rates[label] = len(ok) / span
-        print(
-            f"   {label:<24}{span:8.1f}{len(health) / span:10.0f}{len(bad) / span:9.0f}{len(ok) / span:9.0f}"
-            f"{p99 * 1000:10.1f} ms{errors:8d}{api_cpu / span:8.0%}{load_cpu / span:10.0%}"
-            f"{api_cpu / max(1, len(ok)) * 1000:10.2f} ms{api_wait / span:12.0%}"
-        )
+        rows.append({
+            "window": label, "seconds": span, "health_per_s": len(health) / span, "bad_per_s": len(bad) / span, "total_per_s": len(ok) / span,
+            "health_p99_ms": p99 * 1000, "errors": errors, "api_cpu": api_cpu / span, "load_cpu": load_cpu / span,
+            "api_cpu_ms_per_request": api_cpu / max(1, len(ok)) * 1000, "api_waited": api_wait / span,
+        })  # fmt: skip
+    report(rows, [
+        Column("window", align="<"), Column("seconds", fmt=".1f"), Column("health_per_s", "health/s", ".0f"), Column("bad_per_s", "400s/s", ".0f"),
+        Column("total_per_s", "total/s", ".0f"), Column("health_p99_ms", "health p99", ms), Column("errors"), Column("api_cpu", "API CPU", ".0%"),
+        Column("load_cpu", "load CPU", ".0%"), Column("api_cpu_ms_per_request", "API CPU/req", lambda v: f"{v:.2f} ms"),
+        Column("api_waited", "API waited", ".0%"),
+    ], indent="   ", json_out=args.json_out, name="cheap_requests")  # fmt: skip
     print(
         "   (API/load CPU: share of one core used by the API process and by the load generator; API waited: share of\n"
         "    the window in which the API's loop thread was runnable but had no CPU)"
     )
     verdicts.append(
-        Verdict(
+        goal_check(
             "cheap requests/s while generating (saturated)",
             f"{rates['while generating']:.0f}/s ({rates['while generating'] / rates['idle']:.0%} of idle {rates['idle']:.0f}/s)",
             "none (reported)",
@@ -859,6 +760,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-interval", type=float, default=0.02, help="seconds between RSS/CPU samples")
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="load before each job starts (the idle window)")
     parser.add_argument("--keep-log", action="store_true", help="keep the server's log (an access line per request: large)")
+    parser.add_argument("--json", help="also write every table and the goals as JSON here")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: overhead, memory, rate")
     parser.add_argument(
         "--model-cache", default=str(Path.home() / ".cache" / "sdxl-lightning-server"), help="where the tiny model is built (shared by both sides)"
@@ -874,10 +776,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   machine: {machine_description()}")
     print(f"   at start: {load_line()}", flush=True)
     bare = BareProcess(args.model_cache, args.max_batch)
-    server = OwnServer(workers=1, max_batch=args.max_batch, model_cache=args.model_cache)
-    server.args += ["--heartbeat-interval", str(args.heartbeat_interval)]  # default log level: an access line per request
+    # Default log level: an access line per request, as in production.
+    server = bench_server(1, args.max_batch, args.model_cache, "--heartbeat-interval", str(args.heartbeat_interval), prefix="sdxl-overhead-")
     print(f"   server: {' '.join(server.args[1:])}\n   in {server.workdir}", flush=True)
-    verdicts: list[Verdict] = []
+    verdicts: list[Check] = []
+    args.json_out = JsonOut(args.json, "benchmarks.server_overhead")
     try:
         server.start()
         health = requests.get(server.url + "/health", timeout=10).json()
@@ -895,15 +798,13 @@ def main(argv: list[str] | None = None) -> int:
         server.remove_images()
         log_size = server.log_path.stat().st_size if server.log_path.exists() else 0
         if not args.keep_log:
-            server.log_path.unlink(missing_ok=True)
-            server.workdir.rmdir()
-    print(f"\n== goals ({time.monotonic() - began:.0f} s in all; at the end: {load_line()}) ==")
-    for verdict in verdicts:
-        mark = "info" if verdict.ok is None else "PASS" if verdict.ok else "MISS"
-        print(f"   {mark}  {verdict.name:<50} {verdict.value:<44} goal {verdict.goal}")
+            shutil.rmtree(server.workdir, ignore_errors=True)
+    passed = report_checks(verdicts, title=f"\n== goals ({time.monotonic() - began:.0f} s in all; at the end: {load_line()}) ==", indent="   ",
+                           fail="MISS", json_out=args.json_out, name="goals")  # fmt: skip
     kept = f"kept at {server.log_path}" if args.keep_log else "removed (--keep-log keeps it)"
     print(f"   server stopped with SIGTERM, exit code {code}; its log ({mib(log_size)}, an access line per request) {kept}")
-    return 0 if all(v.ok is not False for v in verdicts) and code == 0 else 1
+    args.json_out.announce()
+    return 0 if passed and code == 0 else 1
 
 
 if __name__ == "__main__":

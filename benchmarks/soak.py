@@ -39,13 +39,10 @@ import os
 import re
 import statistics
 import random
-import shutil
 import signal
 import socket
 import sqlite3
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -57,22 +54,17 @@ import requests
 
 from benchmarks import edge_abuse
 from benchmarks import slow_dns
+from benchmarks.harness.launch import bench_server
+from benchmarks.harness.report import Check, JsonOut, report_checks, report_pairs
+from benchmarks.harness.report import mib as harness_mib
+from benchmarks.harness.sampling import SampleSummary, TreeSampler, fd_limit
 
-try:  # psutil is in the venv; /proc is the fallback so the script still runs without it.
-    import psutil
-except ImportError:  # pragma: no cover - depends on the environment
-    psutil = None  # type: ignore[assignment]
-
-REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEED_MODULUS = 2**32
 # Long enough for a full batch on a slow CPU worker; heartbeats keep the connection itself alive.
 CLIENT_TIMEOUT_S = 300.0
 HEALTH_TIMEOUT_S = 10.0
-STARTUP_TIMEOUT_S = 180.0
 SAMPLE_INTERVAL_S = 0.5
-# The server drains for up to --grace-period (60 s by default) after SIGTERM; give it that and more.
-STOP_TIMEOUT_S = 90.0
 MAX_FAILURE_EXAMPLES = 10
 WORDS = (
     "baroque oil painting stone tablet ancient philosopher mystical symbols glowing darkness harbour "
@@ -130,87 +122,15 @@ class Stats:
     def images_lost(self) -> int:
         return self.images_requested - self.images_returned
 
+    def take_samples(self, summary: SampleSummary) -> None:
+        """The API process's memory and handles, from the sampler of the run."""
+        self.peak_api_rss, self.peak_total_rss, self.rss_samples = summary.peak_rss, summary.peak_tree_rss, summary.samples
+        self.first_api_rss, self.last_api_rss = summary.first_rss, summary.last_rss
+        self.first_handles, self.last_handles, self.max_fds = summary.first_fds, summary.last_fds, summary.max_fds
+
 
 # --------------------------------------------------------------------------------------------------
 # The server under test
-
-
-def free_port() -> int:
-    """A port the kernel just handed out, so parallel runs (and the test suite) do not collide."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class OwnServer:
-    """``python -m service --model tiny`` in a subprocess, logging to a file in its own temp dir."""
-
-    def __init__(
-        self, workers: int, max_batch: int, model_cache: str, extra_args: tuple[str, ...] = (), repo: Path = REPO
-    ) -> None:
-        """``repo``: the checkout whose server runs (another commit's worktree, for a before/after)."""
-        self.repo = repo
-        self.workdir = Path(tempfile.mkdtemp(prefix="sdxl-soak-"))
-        self.log_path = self.workdir / "server.log"
-        self.image_dir = self.workdir / "images"
-        self.port = free_port()
-        self.args = [
-            sys.executable, "-m", "service", "--model", "tiny",
-            "--workers", str(workers), "--max-batch", str(max_batch),
-            "--port", str(self.port), "--host", "127.0.0.1",
-            "--image-dir", str(self.image_dir), "--model-cache", model_cache, *extra_args,
-        ]  # fmt: skip
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def start(self) -> None:
-        """Start and wait for a 200 from /health: a worker must be ready before the clock starts."""
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo), os.environ.get("PYTHONPATH")]))}
-        self._log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            self.args, cwd=self.workdir, env=env, stdout=self._log_file, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode} before it was healthy; see {self.log_path}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S:.0f} s; see {self.log_path}")
-
-    def stop(self) -> int | None:
-        """SIGTERM, as supervisord does, and wait for the drain: a clean stop must exit 0."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                print(f"server did not stop {STOP_TIMEOUT_S:.0f} s after SIGTERM; sending SIGKILL", file=sys.stderr)
-                self.process.kill()
-                self.process.wait(10)
-        if self._log_file:
-            self._log_file.close()
-        return self.process.returncode
-
-    def remove_images(self) -> None:
-        """Every job's images are ~MiBs each; a long soak would otherwise leave GiBs in /tmp. The job
-        database goes with them (var/ of the server's working directory)."""
-        shutil.rmtree(self.image_dir, ignore_errors=True)
-        shutil.rmtree(self.workdir / "var", ignore_errors=True)
 
 
 def get_health(session: requests.Session, url: str) -> dict[str, Any] | None:
@@ -470,78 +390,6 @@ def killer_loop(url: str, every: float, stats: Stats, stop: threading.Event, sta
                 continue
             kill_one_worker(session, url, rng, stats, started, abuse)
             due = time.monotonic() + every
-
-
-def rss_of(pid: int) -> int:
-    """Resident bytes of one process, 0 if it is gone (workers die on purpose here)."""
-    if psutil is not None:
-        try:
-            return psutil.Process(pid).memory_info().rss
-        except psutil.Error:
-            return 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def children_of(pid: int) -> list[int]:
-    """Every descendant (workers, and multiprocessing's resource tracker): all of it is the server's memory."""
-    if psutil is not None:
-        try:
-            return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-        except psutil.Error:
-            return []
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for path in Path("/proc").glob(f"{parent}/task/*/children"):
-            try:
-                kids = [int(x) for x in path.read_text().split()]
-            except OSError:
-                continue
-            found.extend(kids)
-            frontier.extend(kids)
-    return found
-
-
-def handles_of(pid: int) -> tuple[int, int] | None:
-    """(open fds, threads) of one process: every restart that leaves a pipe or feeder thread behind shows here."""
-    if psutil is not None:
-        try:
-            process = psutil.Process(pid)
-            return process.num_fds(), process.num_threads()
-        except psutil.Error:
-            return None
-    try:
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-        threads = len(os.listdir(f"/proc/{pid}/task"))
-    except OSError:
-        return None
-    return fds, threads
-
-
-def sampler_loop(server_pid: int, stats: Stats, stop: threading.Event) -> None:
-    """Peak RSS, sampled: the API process alone shows leaks in the event loop, the sum shows worker bloat."""
-    while not stop.is_set():
-        api = rss_of(server_pid)
-        total = api + sum(rss_of(child) for child in children_of(server_pid))
-        handles = handles_of(server_pid)
-        with stats.lock:
-            stats.peak_api_rss = max(stats.peak_api_rss, api)
-            stats.peak_total_rss = max(stats.peak_total_rss, total)
-            stats.rss_samples += 1
-            if api:
-                stats.first_api_rss = stats.first_api_rss or api
-                stats.last_api_rss = api
-            if handles is not None:
-                stats.first_handles = stats.first_handles or handles
-                stats.last_handles = handles
-                stats.max_fds = max(stats.max_fds, handles[0])
-        stop.wait(SAMPLE_INTERVAL_S)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1111,45 +959,6 @@ def cancel_burst_jobs(url: str, stats: AbuseStats) -> None:
                     job.cancelled_by_us = True
 
 
-def open_files(pid: int) -> tuple[int, int] | None:
-    """(open fds, sockets among them) of a process, from /proc/<pid>/fd."""
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    sockets = 0
-    for name in names:
-        try:
-            sockets += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
-        except OSError:
-            pass  # closed since the listing
-    return len(names), sockets
-
-
-def fd_sampler_loop(pid: int, stats: AbuseStats, stop: threading.Event) -> None:
-    """Open files of the API process, sampled often: connections past the cap hold an fd briefly."""
-    while not stop.wait(FD_SAMPLE_S):
-        found = open_files(pid)
-        if found is None:
-            continue
-        with stats.lock:
-            stats.fd_samples += 1
-            stats.first_fds = stats.first_fds if stats.fd_samples > 1 else found
-            stats.max_fds = max(stats.max_fds, found[0])
-            stats.max_socket_fds = max(stats.max_socket_fds, found[1])
-
-
-def fd_limit(pid: int) -> int | None:
-    """The soft limit of open files of a process, from /proc/<pid>/limits."""
-    try:
-        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-            if line.startswith("Max open files"):
-                return int(line.split()[3])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 @dataclass
 class LogFigures:
     lines: int = 0
@@ -1296,6 +1105,8 @@ class Abuse:
         self.threads: list[threading.Thread] = []
         self.tracker: threading.Thread | None = None
         self.wall_start = time.time()
+        # Open files of the API process, sampled often: connections past the cap hold an fd briefly.
+        self.fd_sampler = TreeSampler(pid, FD_SAMPLE_S, memory=False, handles=True, sockets=True)
 
     def start(self, started: float) -> None:
         self.stats.load_start = os.getloadavg()
@@ -1313,7 +1124,7 @@ class Abuse:
         self.threads.append(start_thread(edge_abuse.probe_loop, self.url, self.edge, self.stop, name="newcomer-probe"))
         bursts = Bursts(self.url, self.args.abuse_burst_every, self.stats, self.stop, started)
         self.threads.append(start_thread(bursts.run, name="bursts"))
-        self.threads.append(start_thread(fd_sampler_loop, self.pid, self.stats, self.stop, name="fd-sampler"))
+        self.fd_sampler.start()
         self.tracker = start_thread(
             track_loop, self.url, self.stats, self.bound, self.stop_tracker, started, self.args.max_batch, name="tracker"
         )
@@ -1323,6 +1134,11 @@ class Abuse:
         self.stop.set()
         for thread in self.threads:
             thread.join()
+        self.fd_sampler.stop()
+        files = self.fd_sampler.summary()
+        with self.stats.lock:
+            self.stats.fd_samples, self.stats.max_fds, self.stats.max_socket_fds = files.samples, files.max_fds, files.max_sockets
+            self.stats.first_fds = (files.first_fds[0], files.first_sockets) if files.first_fds else (0, 0)
         cancel_burst_jobs(self.url, self.stats)
         self.stop_tracker.set()
         if self.tracker:
@@ -1333,9 +1149,9 @@ class Abuse:
 
 
 def print_abuse_summary(
-    stats: Stats, run: Abuse, log: LogFigures, limit: int | None, rebuilt: Reconstruction
-) -> list[tuple[bool, str]]:
-    """The abuse figures, then the checks; returns (passed, line) for each check."""
+    stats: Stats, run: Abuse, log: LogFigures, limit: int | None, rebuilt: Reconstruction, json_out: JsonOut
+) -> list[Check]:
+    """The abuse figures; returns the checks (printed by the caller, with the ones it adds)."""
     abuse = run.stats
     slow_done_to_cut = [
         log.went_away_at[job] - log.done_at[job] for job in abuse.slow_job_ids if job in log.went_away_at and job in log.done_at
@@ -1401,9 +1217,7 @@ def print_abuse_summary(
          f"{log.other} other ({log.other / log.minutes if log.minutes else 0:.0f}/min, max {log.max_other_per_minute} in 60 s)"),
         ("  errors / tracebacks", f"{log.errors} / {log.tracebacks}"),
     ]
-    print("\n== abuse ==")
-    for label, value in rows:
-        print(f"{label:<27} {value}")
+    report_pairs(rows, title="\n== abuse ==", json_out=json_out, name="abuse")
     print("  most frequent non-access log lines:")
     for message, count in log.top:
         print(f"    {count:>6}  {message}")
@@ -1415,33 +1229,30 @@ def print_abuse_summary(
     growth = stats.last_api_rss - stats.first_api_rss
     peak_growth = stats.peak_api_rss - stats.first_api_rss
     checks = [
-        (stats.images_lost == 0, f"images lost: {stats.images_lost} (must be 0)"),
-        (not abuse.over_bound and abuse.track_samples > 0,
-         f"accepted unfinished burst images at most {abuse.max_unfinished}, bound {ABUSE_MAX_QUEUED_IMAGES}"),
-        (most_in_burst <= allowed_in_burst, f"most jobs accepted in one burst: {most_in_burst} (at most {allowed_in_burst})"),
-        (abuse.max_queued_images <= ABUSE_MAX_QUEUED_IMAGES and abuse.health_samples > 0,
-         f"/health queued_images at most {abuse.max_queued_images}, bound {ABUSE_MAX_QUEUED_IMAGES}"),
-        (not failed_jobs, f"burst jobs failed: {len(failed_jobs)}"),
-        (growth <= RSS_GROWTH_LIMIT and peak_growth <= RSS_GROWTH_LIMIT,
-         f"API RSS growth: end {growth / 2**20:+.0f} MiB, peak {peak_growth / 2**20:+.0f} MiB (at most +{mib(RSS_GROWTH_LIMIT)})"),
-        (limit is not None and 0 < max(stats.max_fds, abuse.max_fds) < limit,
-         f"API open fds at most {max(stats.max_fds, abuse.max_fds)}, limit {limit}"),
-        (abuse.idle_overdue == 0 and abuse.idle_closed + abuse.idle_reset > 0,
-         f"idle connections closed by the server: {abuse.idle_closed + abuse.idle_reset}, none open past {IDLE_OVERDUE_S:g} s "
-         f"({abuse.idle_overdue} were)"),
-        (abuse.idle_evicted + abuse.idle_refused > 0,
-         f"connections past the cap: {abuse.idle_evicted} idle ones closed to make room, {abuse.idle_refused} answered 503"),
-        (abuse.held_samples > 0 and abuse.max_idle_held <= ABUSE_MAX_CONNECTIONS,  # 0: each made room at once
-         f"idle connections the server held at once: at most {abuse.max_idle_held} (cap {ABUSE_MAX_CONNECTIONS})"),
-        (abuse.slow_not_cut == 0 and abuse.slow_cut > 0 and abuse.slow_closed_gracefully == 0,
-         f"slow readers cut off: {abuse.slow_cut} of {abuse.slow_accepted} answered (none left hanging: {abuse.slow_not_cut})"),
-        (log.max_other_per_minute <= LOG_LINES_PER_MINUTE_LIMIT,
-         f"log lines other than access: at most {log.max_other_per_minute} in 60 s (at most {LOG_LINES_PER_MINUTE_LIMIT})"),
+        Check(stats.images_lost == 0, f"images lost: {stats.images_lost} (must be 0)"),
+        Check(not abuse.over_bound and abuse.track_samples > 0,
+              f"accepted unfinished burst images at most {abuse.max_unfinished}, bound {ABUSE_MAX_QUEUED_IMAGES}"),
+        Check(most_in_burst <= allowed_in_burst, f"most jobs accepted in one burst: {most_in_burst} (at most {allowed_in_burst})"),
+        Check(abuse.max_queued_images <= ABUSE_MAX_QUEUED_IMAGES and abuse.health_samples > 0,
+              f"/health queued_images at most {abuse.max_queued_images}, bound {ABUSE_MAX_QUEUED_IMAGES}"),
+        Check(not failed_jobs, f"burst jobs failed: {len(failed_jobs)}"),
+        Check(growth <= RSS_GROWTH_LIMIT and peak_growth <= RSS_GROWTH_LIMIT,
+              f"API RSS growth: end {growth / 2**20:+.0f} MiB, peak {peak_growth / 2**20:+.0f} MiB (at most +{mib(RSS_GROWTH_LIMIT)})"),
+        Check(limit is not None and 0 < max(stats.max_fds, abuse.max_fds) < limit,
+              f"API open fds at most {max(stats.max_fds, abuse.max_fds)}, limit {limit}"),
+        Check(abuse.idle_overdue == 0 and abuse.idle_closed + abuse.idle_reset > 0,
+              f"idle connections closed by the server: {abuse.idle_closed + abuse.idle_reset}, none open past {IDLE_OVERDUE_S:g} s "
+              f"({abuse.idle_overdue} were)"),
+        Check(abuse.idle_evicted + abuse.idle_refused > 0,
+              f"connections past the cap: {abuse.idle_evicted} idle ones closed to make room, {abuse.idle_refused} answered 503"),
+        Check(abuse.held_samples > 0 and abuse.max_idle_held <= ABUSE_MAX_CONNECTIONS,  # 0: each made room at once
+              f"idle connections the server held at once: at most {abuse.max_idle_held} (cap {ABUSE_MAX_CONNECTIONS})"),
+        Check(abuse.slow_not_cut == 0 and abuse.slow_cut > 0 and abuse.slow_closed_gracefully == 0,
+              f"slow readers cut off: {abuse.slow_cut} of {abuse.slow_accepted} answered (none left hanging: {abuse.slow_not_cut})"),
+        Check(log.max_other_per_minute <= LOG_LINES_PER_MINUTE_LIMIT,
+              f"log lines other than access: at most {log.max_other_per_minute} in 60 s (at most {LOG_LINES_PER_MINUTE_LIMIT})"),
         *edge_abuse.checks(run.edge),
     ]
-    print("\n== checks ==")
-    for passed, line in checks:
-        print(f"{'PASS' if passed else 'FAIL'}  {line}")
     return checks
 
 
@@ -1456,10 +1267,10 @@ def start_thread(target: Callable[..., None], *args: Any, name: str) -> threadin
 
 
 def mib(value: int) -> str:
-    return f"{value / 2**20:.0f} MiB"
+    return harness_mib(value, 0)
 
 
-def print_summary(args: argparse.Namespace, stats: Stats, duration: float, restarts: int | None, measured_rss: bool) -> None:
+def print_summary(args: argparse.Namespace, stats: Stats, duration: float, restarts: int | None, measured_rss: bool, json_out: JsonOut) -> None:
     rows: list[tuple[str, Any]] = [
         ("duration", f"{duration:.1f} s"),
         ("clients", args.clients),
@@ -1479,9 +1290,9 @@ def print_summary(args: argparse.Namespace, stats: Stats, duration: float, resta
     if measured_rss and stats.first_handles and stats.last_handles:
         (fds0, threads0), (fds1, threads1) = stats.first_handles, stats.last_handles
         rows.append(("API fds / threads", f"{fds0} -> {fds1} / {threads0} -> {threads1} (first -> last sample)"))
-    print("\n== soak summary ==")
-    for label, value in rows:
-        print(f"{label:<27} {value}")
+    report_pairs(rows, title="\n== soak summary ==", json_out=json_out, name="summary")
+    json_out.add("failures", stats.failures)
+    json_out.add("kills", stats.kill_log)
     if stats.failures:
         print(f"\nfirst {len(stats.failures)} failure(s):")
         for line in stats.failures:
@@ -1500,9 +1311,11 @@ def soak(
     stats = Stats()
     with requests.Session() as session:
         baseline = total_restarts(get_health(session, url)) or 0
-    stop_clients, stop_sampler = threading.Event(), threading.Event()
+    stop_clients = threading.Event()
     started = time.monotonic()
-    sampler = start_thread(sampler_loop, server_pid, stats, stop_sampler, name="sampler") if server_pid else None
+    # Peak RSS, sampled: the API process alone shows leaks in the event loop, the sum with its
+    # workers shows worker bloat; its fds and threads grow if a restart leaves a pipe behind.
+    sampler = TreeSampler(server_pid, SAMPLE_INTERVAL_S, handles=True).start() if server_pid else None
     abusing = abuse is not None
     killer = (
         start_thread(killer_loop, url, args.kill_every, stats, stop_clients, started, abusing, name="killer")
@@ -1531,9 +1344,9 @@ def soak(
         abuse.finish()
     with requests.Session() as session:
         seen = total_restarts(get_health_through_cap(session, url, stats) if abuse else get_health(session, url))
-    stop_sampler.set()
     if sampler:
-        sampler.join()
+        sampler.stop()
+        stats.take_samples(sampler.summary())
     return stats, duration, None if seen is None else seen - baseline
 
 
@@ -1586,6 +1399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--abuse-slow-dns", type=int, default=12,
         help="clients sending POST /jobs about twice a second with webhook hosts whose nameserver never answers (--abuse)",
     )  # fmt: skip
+    parser.add_argument("--json", help="also write the summary (and the abuse figures and checks) as JSON here")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.workers < 1 or args.max_batch < 1:
         parser.error("--clients, --workers and --max-batch must be at least 1")
@@ -1605,7 +1419,8 @@ def main(argv: list[str] | None = None) -> int:
     # --abuse: webhook names go to a nameserver that never answers (benchmarks/slow_dns.py)
     nameserver = slow_dns.SilentNameserver() if args.abuse else None
     server_args = (*ABUSE_SERVER_ARGS, *nameserver.server_args()) if nameserver else ()
-    server = None if args.url else OwnServer(args.workers, args.max_batch, args.model_cache, server_args)
+    server = None if args.url else bench_server(args.workers, args.max_batch, args.model_cache, *server_args, prefix="sdxl-soak-")
+    json_out = JsonOut(args.json, "benchmarks.soak")
     url = args.url.rstrip("/") if args.url else ""
     if server:
         print(f"starting server: {' '.join(server.args)}\n  in {server.workdir}", flush=True)
@@ -1613,7 +1428,6 @@ def main(argv: list[str] | None = None) -> int:
             server.start()
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            server.stop()
             return 2
         url = server.url
     else:
@@ -1638,7 +1452,7 @@ def main(argv: list[str] | None = None) -> int:
             stats, duration, restarts = soak(args, url, server.pid if server else None, abuse)
         finally:
             slow_dns_result = slow_dns_abuse.finish() if slow_dns_abuse else None
-        print_summary(args, stats, duration, restarts, measured_rss=server is not None)
+        print_summary(args, stats, duration, restarts, measured_rss=server is not None, json_out=json_out)
         if abuse and server and server.pid:
             limit = fd_limit(server.pid)  # read while it runs: the server raises its soft limit at start
     finally:
@@ -1646,20 +1460,19 @@ def main(argv: list[str] | None = None) -> int:
             code = server.stop()
             print(f"\nserver stopped with SIGTERM, exit code {code}" + ("" if code == 0 else "   <-- expected 0"))
             if abuse and "stats" in locals():
-                rebuilt = reconstruct_unfinished(server.workdir / "var" / "jobs.sqlite3", server.image_dir)
-                checks = print_abuse_summary(stats, abuse, read_log(server.log_path), limit, rebuilt)
+                rebuilt = reconstruct_unfinished(server.job_db, server.image_dir)
+                checks = print_abuse_summary(stats, abuse, read_log(server.log_path), limit, rebuilt, json_out)
                 if slow_dns_result is not None:
                     passed, line = slow_dns_result
-                    print(f"{'PASS' if passed else 'FAIL'}  slow-DNS webhooks ({args.abuse_slow_dns} clients): {line}")
-                    checks.append((passed, "slow-DNS webhooks"))
-                passed = code == 0
-                print(f"{'PASS' if passed else 'FAIL'}  server exit code on SIGTERM: {code} (must be 0)")
-                checks.append((passed, "server exit code"))
+                    checks.append(Check(passed, f"slow-DNS webhooks ({args.abuse_slow_dns} clients): {line}"))
+                checks.append(Check(code == 0, f"server exit code on SIGTERM: {code} (must be 0)"))
+                report_checks(checks, title="\n== checks ==", json_out=json_out)
             if not args.keep_images:
                 server.remove_images()
             print(f"server log: {server.log_path}")
+    json_out.announce()
     if abuse:
-        return 0 if checks and all(passed for passed, _ in checks) else 1
+        return 0 if checks and all(check.ok for check in checks) else 1
     return 0 if stats.images_lost == 0 else 1
 
 

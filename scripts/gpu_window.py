@@ -550,7 +550,7 @@ def closing_table(out: Path, steps: list[WindowStep], started: float, log: Log) 
         log(f"| {name} | {budget_s:.0f} | {started_s:.0f} | {seconds:.1f} | {outcome} |")
 
 
-CODE_FOLDERS = ("service", "gpu_workers", "contract", "schemas", "client", "benchmarks/gpu_throughput.py")
+CODE_FOLDERS = ("service", "gpu_workers", "contract", "schemas", "client", "benchmarks/gpu_throughput.py", "benchmarks/harness")
 
 
 def imported_distributions() -> dict[str, str]:

@@ -28,6 +28,7 @@ from PIL import Image
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from benchmarks.harness.launch import WorkerBox
 from gpu_workers import wire
 from gpu_workers.messages import ShardDone, ShardFailed, ShardStarted, ShardTask
 from gpu_workers.redis_protocol import (
@@ -61,20 +62,27 @@ def _env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO)}
 
 
-def _command(url: str, model_cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gpu_workers", "--broker", url, "--model-cache", str(model_cache), *extra]
-
-
 @dataclass
 class Worker:
-    """The module's worker command, its log, and the heartbeat of its one CPU worker process."""
+    """The module's worker command (the benchmarks' worker box, without our ``SDXL_*``) and how
+    long it took to start."""
 
-    process: subprocess.Popen[bytes]
-    log_path: Path
+    box: WorkerBox
     start_s: float = 0.0  # from the command to a ready heartbeat, measured when it started
 
+    @classmethod
+    def launch(cls, workdir: Path, url: str, model_cache: Path, *extra: str) -> Worker:
+        box = WorkerBox(workdir, ["--broker", url, "--model-cache", str(model_cache), *extra], env=_env(), name="remote worker")
+        box.launch()
+        return cls(box)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.box.process is not None
+        return self.box.process
+
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.box.log()
 
     def patience(self, quiet_s: float, start_ups: float = 1) -> float:
         """A give-up for a wait on this worker: ``quiet_s``, or ``start_ups`` of its measured start-up
@@ -112,34 +120,18 @@ def _wait_until(predicate: Any, timeout: float, what: str, worker: Worker | None
     pytest.fail(f"timed out after {timeout} s waiting for {what}{tail}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (the worker finishes what it holds), then SIGKILL if it takes too long."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
 @pytest.fixture(scope="module")
 def worker(api: redis.Redis, redis_server: RedisServer, model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    workdir = tmp_path_factory.mktemp("remote-worker")
-    log_path = workdir / "worker.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            _command(redis_server.url, model_cache, "--model", MODEL, "--visibility-timeout", str(VISIBILITY_TIMEOUT)),
-            cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-    started = Worker(process, log_path)
+    started = Worker.launch(
+        tmp_path_factory.mktemp("remote-worker"), redis_server.url, model_cache, "--model", MODEL, "--visibility-timeout", str(VISIBILITY_TIMEOUT)
+    )
     launched = time.monotonic()
     try:
         _wait_until(lambda: any(b.state == "ready" for b in _heartbeats(api)), 120, "a ready heartbeat", started)
         started.start_s = time.monotonic() - launched
         yield started
     finally:
-        _stop(process)
+        started.box.stop()
 
 
 def _task(prompts: tuple[str, ...], seeds: tuple[int, ...], request_id: str | None = None) -> ShardTask:
@@ -241,7 +233,7 @@ def test_worker_for_another_model_is_refused(model_cache: Path, tmp_path: Path) 
         client = redis.Redis.from_url(server.url)
         client.set(KEYS.config, config_json(MODEL))
         result = subprocess.run(
-            _command(server.url, model_cache, "--model", "sdxl-lightning-8step"),
+            [sys.executable, "-m", "gpu_workers", "--broker", server.url, "--model-cache", str(model_cache), "--model", "sdxl-lightning-8step"],
             check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
         )
         # The same check inside a worker process (the API server may change its config later):
@@ -414,13 +406,7 @@ def test_a_hung_shard_is_kept_while_its_worker_lives_then_given_up_after_two_tim
     keys = Keys("hang")
     model = "tests.pipelines:hanging_tiny"
     api.set(keys.config, config_json(model))
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            _command(redis_server.url, model_cache, "--broker-prefix", "hang", "--shard-timeout", "3", "--visibility-timeout", "1"),
-            cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-        )
-    worker = Worker(process, log_path)
+    worker = Worker.launch(tmp_path, redis_server.url, model_cache, "--broker-prefix", "hang", "--shard-timeout", "3", "--visibility-timeout", "1")
     launched = time.monotonic()
     try:
         try:
@@ -445,4 +431,4 @@ def test_a_hung_shard_is_kept_while_its_worker_lives_then_given_up_after_two_tim
         text = worker.log()
         assert "ran past the shard timeout" in text and "exited with code 3" in text
     finally:
-        _stop(process)
+        worker.box.stop()

@@ -10,49 +10,29 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
+from benchmarks.harness.launch import WorkerBox
 from tests.redis_server import RedisServer
-from tests.server_process import REPO, ServerProcess
+from tests.server_process import ServerProcess
 from tests.test_faults import in_background, post
 
 VISIBILITY_TIMEOUT = "3"
 
 
-class RemoteWorker:
-    """``python -m gpu_workers`` in a directory of its own, as on another box."""
+class RemoteWorker(WorkerBox):
+    """``python -m gpu_workers`` in a directory of its own, as on another box: one worker, started."""
 
     def __init__(self, workdir: Path, broker: str, model_cache: Path, *args: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / "worker.log"
-        self._log = open(self.log_path, "ab")
-        command = [
-            sys.executable, "-m", "gpu_workers", "--broker", broker, "--workers", "1",
-            "--model-cache", str(model_cache), "--visibility-timeout", VISIBILITY_TIMEOUT, *args,
-        ]
-        self.process = subprocess.Popen(
-            command, cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=self._log, stderr=subprocess.STDOUT
+        super().__init__(
+            workdir, ["--broker", broker, "--workers", "1", "--model-cache", str(model_cache), "--visibility-timeout", VISIBILITY_TIMEOUT, *args],
+            name=f"worker box in {workdir.name}",
         )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
-        return self.process.returncode
+        self.launch()
 
 
 @pytest.fixture(scope="module")

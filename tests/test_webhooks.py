@@ -32,15 +32,21 @@ from aiohttp.test_utils import TestClient
 from standardwebhooks import Webhook
 
 from contract.batch import BatchSpec
-from service.integrations import webhook_addresses
-from service.integrations import webhooks
 from service.app import create_app
-from service.jobs.job_db import CANCELLED, DONE, JobDatabase
 from service.app_keys import JOBS
+from service.integrations import webhook_addresses, webhooks
+from service.jobs.job_db import CANCELLED, DONE, JobDatabase
+from service.jobs.webhook_outbox import (
+    Delivery,
+    WebhookTarget,
+    deliveries,
+    message_id,
+    next_per_target,
+)
 from service.settings import Settings, load_settings, validate
-from service.jobs.webhook_outbox import Delivery, WebhookTarget, deliveries, message_id, next_per_target
 from tests.fake_transport import FAIL, SLOW, FakeTransport, fake_engine
 from tests.readme import readme_block
+from tests.server_process import free_port
 
 SECRET = "whsec_" + base64.b64encode(b"webhook-test-secret-0123456789ab").decode()
 
@@ -602,12 +608,6 @@ async def test_a_database_fault_while_reading_the_outbox_is_waited_out(aiohttp_c
 def readme_receiver() -> str:
     """The receiver example of the README's "Webhooks" section, as it is there."""
     return readme_block("### Webhooks", "python")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_the_readme_receiver_verifies_a_delivery_and_refuses_a_forgery(aiohttp_client, tmp_path: Path) -> None:

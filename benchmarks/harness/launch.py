@@ -75,6 +75,13 @@ def stop_process(process: subprocess.Popen[Any], timeout: float, *, group: bool 
     return process.returncode
 
 
+def kill_process(process: subprocess.Popen[Any], wait: float = 10.0) -> None:
+    """SIGKILL, as a power cut or an OOM killer would, and reap it."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(wait)
+
+
 class Launched:
     """One child process, its stdout and stderr appended to ``log_path`` (a restart appends too).
 
@@ -130,9 +137,7 @@ class Launched:
         """SIGKILL, as a power cut or an OOM killer would."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        kill_process(self.process)
         if self.new_session:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)

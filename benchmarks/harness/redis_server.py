@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import quote
 
-from benchmarks.harness.launch import free_port, stop_process
+from benchmarks.harness.launch import free_port, kill_process, stop_process
 
 INSTALL_HINT = "apt-get install -y redis-server"
 
@@ -50,13 +50,6 @@ def redis_server_version() -> tuple[int, int, int]:
     if match is None:
         raise RuntimeError(f"cannot parse redis-server --version: {out!r}")
     return int(match[1]), int(match[2]), int(match[3])
-
-
-def _kill_orphan(process: subprocess.Popen[bytes]) -> None:
-    """At interpreter exit (a test run that crashed before ``close()``): leave no redis-server behind."""
-    if process.poll() is None:
-        process.kill()
-        process.wait(5)
 
 
 def _resp_command(*parts: str) -> bytes:
@@ -126,7 +119,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             self.args, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
-        self._finalizer = weakref.finalize(self, _kill_orphan, self.process)
+        self._finalizer = weakref.finalize(self, kill_process, self.process, 5.0)  # a run that crashed before close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -170,9 +163,7 @@ class RedisServer:
         """SIGKILL, as a crash or an OOM killer would: open connections see resets, then refusals."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
+        kill_process(self.process, 5.0)
         self._forget_process()
 
     def _forget_process(self) -> None:

@@ -65,7 +65,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness.launch import REPO, ApiServer, NotReached, checkout_env, stop_process
+from benchmarks.harness.launch import REPO, ApiServer, NotReached, checkout_env, ready_rows, stop_process
 from benchmarks.harness.report import Column, report
 from benchmarks.harness.sampling import TreeSampler
 
@@ -1096,7 +1096,7 @@ def wait_ready(server: ApiServer, timeout: float, heartbeat_s: float = math.inf,
         failed = [w.get("error") for w in workers if w.get("state") == "failed"]
         if failed:
             raise RuntimeError(f"the server's worker failed to start: {failed[0]}")
-        return any(w.get("state") in ("ready", "busy") for w in workers)
+        return bool(ready_rows(health))
 
     def beat(seconds: float, health: dict[str, Any] | None) -> None:
         states = ",".join(str(w.get("state")) for w in (health or {}).get("workers", [])) or "no answer"

@@ -67,7 +67,7 @@ import psutil
 import redis
 import requests
 
-from benchmarks.harness.launch import ApiServer, WorkerBox, bench_server, ready_rows
+from benchmarks.harness.launch import ApiServer, Launched, WorkerBox, bench_server, ready_rows
 from benchmarks.harness.redis_server import RedisServer
 from benchmarks.harness.report import JsonOut, Column, Ratio, load_line, machine_description, report
 from benchmarks.harness.sampling import cpu_seconds
@@ -79,12 +79,12 @@ from gpu_workers.redis_protocol import GROUP, TASK_FIELD, Keys
 CLIENT_TIMEOUT_S = 300.0
 READY_TIMEOUT_S = 180.0
 BOX_STOP_TIMEOUT_S = 30.0
+LOG_TAIL_LINES = 20  # of a log printed when a process failed
 PENDING_POLL_S = 0.02
 HEALTH_POLL_S = 0.05
 WATCH_GRACE_S = 5.0
 SEED = 20251124
 PROMPT = "a lighthouse in a winter storm, fog, lantern light, variation {}"
-TAKING = ("ready", "busy")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,9 +295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def start_everything(args: argparse.Namespace, stack: contextlib.ExitStack, logs: list[Path]) -> tuple[RedisServer, list[Setup]]:
-    """Redis, the three API servers and the three worker boxes; each registered for cleanup (and its
-    log in ``logs``) before it starts."""
+def start_everything(args: argparse.Namespace, stack: contextlib.ExitStack, launched: list[Launched]) -> tuple[RedisServer, list[Setup]]:
+    """Redis, the three API servers and the three worker boxes; each registered for cleanup (and in
+    ``launched``, whose logs a failed start prints) before it starts."""
     redis_server = RedisServer()
     stack.callback(redis_server.close)
     print(f"$ {quoted(redis_server.args)}", flush=True)
@@ -305,8 +305,8 @@ def start_everything(args: argparse.Namespace, stack: contextlib.ExitStack, logs
 
     def server(workers: int, extra: list[str]) -> ApiServer:
         own = bench_server(workers, args.max_batch, args.model_cache, "--cpu-threads", "1", *extra, prefix="sdxl-scale-out-")
-        stack.callback(stop_server, own, args.keep_logs)
-        logs.append(own.log_path)
+        stack.callback(stop_and_clean, own, args.keep_logs)
+        launched.append(own)
         return own
 
     def box(name: str, prefix: str) -> WorkerBox:
@@ -317,8 +317,8 @@ def start_everything(args: argparse.Namespace, stack: contextlib.ExitStack, logs
             name=f"worker box {name}",
         )  # fmt: skip
         worker_box.stop_timeout = BOX_STOP_TIMEOUT_S
-        stack.callback(stop_box, worker_box, args.keep_logs)
-        logs.append(worker_box.log_path)
+        stack.callback(stop_and_clean, worker_box, args.keep_logs)
+        launched.append(worker_box)
         return worker_box
 
     local = Setup("local-1", "local pool, 1 worker", server(1, []))
@@ -342,27 +342,13 @@ def start_everything(args: argparse.Namespace, stack: contextlib.ExitStack, logs
     return redis_server, setups
 
 
-def stop_server(server: ApiServer, keep: bool) -> None:
-    code = server.stop()
+def stop_and_clean(process: Launched, keep: bool) -> None:
+    """Stop an API server or a worker box, say so if it did not exit cleanly, remove its folder."""
+    code = process.stop()
     if code not in (0, None):
-        print(f"server on port {server.port} stopped with exit code {code}; log tail:\n{tail(server.log_path)}", file=sys.stderr)
+        print(f"{process.name} stopped with exit code {code}; log tail:\n{process.log_tail(LOG_TAIL_LINES)}", file=sys.stderr)
     if not keep:
-        shutil.rmtree(server.workdir, ignore_errors=True)
-
-
-def stop_box(box: WorkerBox, keep: bool) -> None:
-    code = box.stop()
-    if code not in (0, None):
-        print(f"{box.name} stopped with exit code {code}; log tail:\n{tail(box.log_path)}", file=sys.stderr)
-    if not keep:
-        shutil.rmtree(box.workdir, ignore_errors=True)
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+        shutil.rmtree(process.cwd, ignore_errors=True)
 
 
 def part_one(args: argparse.Namespace, setups: list[Setup], redis_pid: int | None, session: requests.Session) -> list[Run]:
@@ -549,14 +535,14 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, began: float) -> int:
     code = 0
     args.json_out = JsonOut(args.json, "benchmarks.scale_out")
-    logs: list[Path] = []
+    launched: list[Launched] = []
     with contextlib.ExitStack() as stack:
         try:
-            redis_server, setups = start_everything(args, stack, logs)
+            redis_server, setups = start_everything(args, stack, launched)
         except (RuntimeError, OSError) as exc:
             print(f"error: the setup did not start: {exc}", file=sys.stderr)
-            for path in logs:
-                print(f"--- {path}\n{tail(path)}", file=sys.stderr)
+            for process in launched:
+                print(f"--- {process.log_path}\n{process.log_tail(LOG_TAIL_LINES)}", file=sys.stderr)
             return 2
         client = redis.Redis.from_url(redis_server.url)
         stack.callback(client.close)
@@ -570,9 +556,9 @@ def measure(args: argparse.Namespace, began: float) -> int:
         except (RuntimeError, OSError, redis.RedisError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             for setup in setups:
-                print(f"--- {setup.label}: API log tail\n{tail(setup.server.log_path)}", file=sys.stderr)
+                print(f"--- {setup.label}: API log tail\n{setup.server.log_tail(LOG_TAIL_LINES)}", file=sys.stderr)
                 for box in setup.boxes:
-                    print(f"--- {box.name} log tail\n{tail(box.log_path)}", file=sys.stderr)
+                    print(f"--- {box.name} log tail\n{box.log_tail(LOG_TAIL_LINES)}", file=sys.stderr)
             return 1
 
         print("\n== summary ==")

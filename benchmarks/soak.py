@@ -55,8 +55,7 @@ import requests
 from benchmarks import edge_abuse
 from benchmarks import slow_dns
 from benchmarks.harness.launch import bench_server
-from benchmarks.harness.report import Check, JsonOut, report_checks, report_pairs
-from benchmarks.harness.report import mib as harness_mib
+from benchmarks.harness.report import Check, JsonOut, mib, report_checks, report_pairs
 from benchmarks.harness.sampling import SampleSummary, TreeSampler, fd_limit
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -1208,7 +1207,7 @@ def print_abuse_summary(
          f"({abuse.health_samples} samples)"),
         ("client connects past cap", f"{stats.cap_waits} retried (tracker: {abuse.track_cap_waits}); "
          f"{stats.refused_cap} request(s) refused by the cap"),
-        ("API RSS start/peak/end", f"{mib(stats.first_api_rss)} / {mib(stats.peak_api_rss)} / {mib(stats.last_api_rss)}"),
+        ("API RSS start/peak/end", f"{mib(stats.first_api_rss, 0)} / {mib(stats.peak_api_rss, 0)} / {mib(stats.last_api_rss, 0)}"),
         ("API open fds (max)", f"{max(stats.max_fds, abuse.max_fds)} of a limit of {limit if limit is not None else 'unknown'} "
          f"(--max-connections {ABUSE_MAX_CONNECTIONS}); sampled every {FD_SAMPLE_S:g} s: at most {abuse.max_fds} "
          f"({abuse.max_socket_fds} sockets), {abuse.first_fds[0]} ({abuse.first_fds[1]} sockets) at the first sample"),
@@ -1237,7 +1236,7 @@ def print_abuse_summary(
               f"/health queued_images at most {abuse.max_queued_images}, bound {ABUSE_MAX_QUEUED_IMAGES}"),
         Check(not failed_jobs, f"burst jobs failed: {len(failed_jobs)}"),
         Check(growth <= RSS_GROWTH_LIMIT and peak_growth <= RSS_GROWTH_LIMIT,
-              f"API RSS growth: end {growth / 2**20:+.0f} MiB, peak {peak_growth / 2**20:+.0f} MiB (at most +{mib(RSS_GROWTH_LIMIT)})"),
+              f"API RSS growth: end {growth / 2**20:+.0f} MiB, peak {peak_growth / 2**20:+.0f} MiB (at most +{mib(RSS_GROWTH_LIMIT, 0)})"),
         Check(limit is not None and 0 < max(stats.max_fds, abuse.max_fds) < limit,
               f"API open fds at most {max(stats.max_fds, abuse.max_fds)}, limit {limit}"),
         Check(abuse.idle_overdue == 0 and abuse.idle_closed + abuse.idle_reset > 0,
@@ -1266,10 +1265,6 @@ def start_thread(target: Callable[..., None], *args: Any, name: str) -> threadin
     return thread
 
 
-def mib(value: int) -> str:
-    return harness_mib(value, 0)
-
-
 def print_summary(args: argparse.Namespace, stats: Stats, duration: float, restarts: int | None, measured_rss: bool, json_out: JsonOut) -> None:
     rows: list[tuple[str, Any]] = [
         ("duration", f"{duration:.1f} s"),
@@ -1283,8 +1278,8 @@ def print_summary(args: argparse.Namespace, stats: Stats, duration: float, resta
         ("images lost", f"{stats.images_lost}" + ("" if stats.images_lost == 0 else "   <-- MUST BE 0")),
         ("kills", stats.kills if not stats.kill_errors else f"{stats.kills} ({stats.kill_errors} failed)"),
         ("worker restarts (/health)", "unknown (server unreachable)" if restarts is None else restarts),
-        ("peak RSS, API process", mib(stats.peak_api_rss) if measured_rss else "n/a (--url: not our process)"),
-        ("peak RSS, API + workers", mib(stats.peak_total_rss) if measured_rss else "n/a (--url: not our process)"),
+        ("peak RSS, API process", mib(stats.peak_api_rss, 0) if measured_rss else "n/a (--url: not our process)"),
+        ("peak RSS, API + workers", mib(stats.peak_total_rss, 0) if measured_rss else "n/a (--url: not our process)"),
         ("images/s", f"{stats.images_returned / duration:.2f}" if duration > 0 else "n/a"),
     ]
     if measured_rss and stats.first_handles and stats.last_handles:

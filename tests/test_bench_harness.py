@@ -4,6 +4,7 @@ every test that starts a server (``tests/server_process.py`` is ``ApiServer``)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.harness.report import Check, Column, JsonOut, Ratio, report, report_checks
-from benchmarks.harness.sampling import TreeSampler
+from benchmarks.harness.sampling import TreeSampler, descendants
 
 
 def test_a_table_prints_formatted_cells_and_keeps_the_raw_rows_as_json(tmp_path: Path, capsys) -> None:
@@ -48,7 +49,7 @@ def test_checks_pass_only_when_no_judged_goal_fails(tmp_path: Path, capsys) -> N
     assert [row["ok"] for row in json.loads((tmp_path / "checks.json").read_text())["checks"]["rows"]] == [True, False]
 
 
-def test_the_sampler_sees_a_child_grow_and_its_cpu(tmp_path: Path) -> None:
+def test_the_sampler_sees_a_child_grow_and_its_cpu() -> None:
     """A child that spins for a second, then holds 64 MiB more: the tree's RSS grows by it, not the
     root's, and the spinning child is seen using CPU while its parent, which waits, is not."""
     code = "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass\nblock = bytearray(64 << 20)\ntime.sleep(30)"
@@ -62,8 +63,11 @@ def test_the_sampler_sees_a_child_grow_and_its_cpu(tmp_path: Path) -> None:
         sampler = TreeSampler(parent.pid, 0.05, handles=True, cpu=True, cpu_pids=[child.pid])
         with sampler:
             started = time.monotonic()
-            while time.monotonic() - started < 20 and sampler.summary().peak_tree_rss - sampler.summary().first_rss < (64 << 20):
+            grown = 0
+            while time.monotonic() - started < 20 and grown < (64 << 20):
                 time.sleep(0.05)
+                seen = sampler.summary()
+                grown = seen.peak_tree_rss - seen.first_rss
             ended = time.monotonic()
         summary = sampler.summary()
         assert summary.samples >= 2
@@ -73,7 +77,8 @@ def test_the_sampler_sees_a_child_grow_and_its_cpu(tmp_path: Path) -> None:
         idle = sampler.samples.cpu_between(parent.pid, started, ended)
         assert busy >= 0.2 and idle < busy / 4, f"the spinning child used {busy:.2f} CPU s, its waiting parent {idle:.2f}"
     finally:
-        for process in psutil.Process(parent.pid).children(recursive=True):
-            process.kill()
+        for pid in descendants(parent.pid):
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
         parent.kill()
         parent.wait(10)
